@@ -1,0 +1,199 @@
+//! Configuration: the host's settings with their defaults in one place, read from an
+//! optional TOML file (see `host/edge-host.example.toml`) and overridden by flags; and
+//! the per-handler settings read from a sidecar `NAME.toml` beside `NAME.wasm`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edge_proto::BrokerUrl;
+use serde::Deserialize;
+
+use crate::dispatch::DispatchLimits;
+
+/// Everything the host needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The device this host is; callers address it by this id.
+    pub device_id: String,
+    /// The folder the handler `.wasm` files (and their sidecars) are in.
+    pub handlers: PathBuf,
+    /// An external broker to connect to; none starts the embedded broker.
+    #[serde(deserialize_with = "broker_url")]
+    pub broker: Option<BrokerUrl>,
+    /// Where the embedded broker listens (loopback unless set otherwise).
+    pub listen: SocketAddr,
+    /// The topic namespace template; `{device-id}` stands for the device id.
+    pub namespace: String,
+    /// Limits that hold for every call.
+    pub limits: Limits,
+    /// Settings of handlers whose sidecar does not set them.
+    pub handler_defaults: HandlerSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device_id: String::new(),
+            handlers: PathBuf::from("handlers"),
+            broker: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            namespace: edge_proto::topic::DEFAULT_NAMESPACE.to_owned(),
+            limits: Limits::default(),
+            handler_defaults: HandlerSettings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file.
+    ///
+    /// # Errors
+    /// When the file cannot be read, is not TOML, or holds an unknown key.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The dispatch limits these settings give.
+    pub fn dispatch_limits(&self) -> DispatchLimits {
+        DispatchLimits {
+            max_payload: self.limits.max_payload,
+            call_timeout: Duration::from_millis(self.limits.call_timeout_ms),
+            max_in_flight: self.limits.max_in_flight,
+        }
+    }
+}
+
+fn broker_url<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<BrokerUrl>, D::Error> {
+    let url: Option<String> = Option::deserialize(de)?;
+    url.map(|url| url.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// Limits that hold for every call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The largest request or response payload, in bytes (IoT Hub's 128 KiB).
+    pub max_payload: usize,
+    /// How long one call may run before it is ended with 504, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Calls that may run at once; past it, calls are answered 503 at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: edge_proto::MAX_PAYLOAD,
+            call_timeout_ms: 30_000,
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// One handler's settings: from its sidecar `NAME.toml`, else the host's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerSettings {
+    /// The cap on one instance's linear memory, in bytes.
+    pub max_memory: usize,
+    /// Values the handler reads with `config-get`.
+    pub config: BTreeMap<String, String>,
+}
+
+/// The default linear-memory cap of one instance: 64 MiB.
+pub const DEFAULT_MAX_MEMORY: usize = 64 * 1024 * 1024;
+
+impl Default for HandlerSettings {
+    fn default() -> Self {
+        Self {
+            max_memory: DEFAULT_MAX_MEMORY,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+impl HandlerSettings {
+    /// Reads the sidecar at `path` over `defaults`; no sidecar gives the defaults.
+    ///
+    /// # Errors
+    /// When the sidecar exists but cannot be read, is not TOML, or holds an unknown key.
+    pub fn load_sidecar(path: &Path, defaults: &HandlerSettings) -> anyhow::Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(defaults.clone()),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let sidecar: Sidecar =
+            toml::from_str(&text).with_context(|| format!("invalid sidecar {}", path.display()))?;
+        let mut config = defaults.config.clone();
+        config.extend(sidecar.config);
+        Ok(Self {
+            max_memory: sidecar.max_memory.unwrap_or(defaults.max_memory),
+            config,
+        })
+    }
+}
+
+/// The sidecar file as written: every key optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sidecar {
+    max_memory: Option<usize>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config: Config = toml::from_str("").expect("empty config parses");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 1883)));
+        assert_eq!(config.limits.max_payload, 128 * 1024);
+        assert!(config.broker.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_urls_are_refused() {
+        assert!(toml::from_str::<Config>("devise_id = \"x\"").is_err());
+        assert!(toml::from_str::<Config>("[limits]\nmax_payloads = 1").is_err());
+        let err = toml::from_str::<Config>("broker = \"tcp://x\"").expect_err("bad scheme");
+        assert!(err.to_string().contains("mqtt://"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-host.example.toml");
+        let config = Config::from_file(&path).expect("example config is valid");
+        assert_eq!(config.device_id, "my-device");
+    }
+
+    #[test]
+    fn a_sidecar_overrides_the_defaults_key_by_key() {
+        let dir = std::env::temp_dir().join(format!("edge-sidecar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("h.toml");
+        std::fs::write(&path, "max_memory = 1048576\n[config]\nmodel = \"x1\"\n").expect("write");
+        let mut defaults = HandlerSettings::default();
+        defaults.config.insert("site".into(), "s".into());
+        let settings = HandlerSettings::load_sidecar(&path, &defaults).expect("sidecar parses");
+        assert_eq!(settings.max_memory, 1 << 20);
+        assert_eq!(settings.config.get("model").map(String::as_str), Some("x1"));
+        assert_eq!(settings.config.get("site").map(String::as_str), Some("s"));
+        std::fs::write(&path, "max_memroy = 1").expect("write");
+        assert!(HandlerSettings::load_sidecar(&path, &defaults).is_err());
+        let missing =
+            HandlerSettings::load_sidecar(&dir.join("none.toml"), &defaults).expect("no sidecar");
+        assert_eq!(missing.max_memory, DEFAULT_MAX_MEMORY);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

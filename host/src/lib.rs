@@ -1,0 +1,120 @@
+//! edge-host: serves Azure IoT Hub-style direct methods from sandboxed WebAssembly
+//! handler components, over one MQTT session per device.
+//!
+//! The path of a call, and where each step lives:
+//! - [`mqtt`]: the session. Receives `NS$iothub/methods/POST/{method}/?$rid={rid}`,
+//!   spawns the call, publishes the answer on `NS$iothub/methods/res/{status}/?$rid=`;
+//!   keeps presence and the method catalog retained.
+//! - [`dispatch`]: checks the payload, finds the handler, bounds calls in flight, runs
+//!   the call on a blocking thread and maps every failure to a status ([`CallError`]).
+//! - [`registry`]: which handler version serves which method; an immutable table
+//!   swapped whole, so a call keeps the version it started on.
+//! - [`sandbox`]: wasmtime. Compiles and pre-instantiates each version once; every call
+//!   gets a fresh Store with a deadline and a memory cap.
+//! - [`config`]: settings and their defaults; per-handler sidecars.
+//! - [`broker`]: the embedded broker (rumqttd) for a single machine.
+//!
+//! [`run`] ties them together; the `edge-host` binary is a thin wrapper around it.
+
+pub mod broker;
+pub mod config;
+pub mod dispatch;
+pub mod mqtt;
+pub mod registry;
+pub mod sandbox;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use edge_proto::Namespace;
+
+pub use config::Config;
+pub use dispatch::CallError;
+
+use crate::dispatch::Dispatcher;
+use crate::mqtt::{Session, SessionConfig};
+use crate::registry::Registry;
+use crate::sandbox::{Sandbox, SandboxConfig};
+
+/// Instances kept for loading handlers, beyond the calls in flight.
+const LOAD_INSTANCES: u32 = 16;
+
+/// Runs the host until `shutdown` completes: loads the handlers, starts the embedded
+/// broker unless an external one is configured, and serves calls.
+///
+/// # Errors
+/// When the configuration is invalid (device id, namespace), the handlers folder
+/// cannot be read, the sandbox cannot be set up, or the embedded broker cannot start.
+/// A handler file that fails to load is not an error: it is logged and listed in the
+/// catalog's failures, and the others serve.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let namespace = Namespace::new(&config.namespace, &config.device_id).with_context(|| {
+        format!(
+            "invalid device id {:?} or namespace {:?}",
+            config.device_id, config.namespace
+        )
+    })?;
+    let max_in_flight = u32::try_from(config.limits.max_in_flight).unwrap_or(u32::MAX);
+    let sandbox = Sandbox::new(&SandboxConfig {
+        max_instances: max_in_flight.saturating_add(LOAD_INSTANCES),
+        max_memory: config
+            .handler_defaults
+            .max_memory
+            .max(config::DEFAULT_MAX_MEMORY),
+    })?;
+    let registry = Arc::new(Registry::new());
+    let loads = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || load_all(&sandbox, &config)).await??
+    };
+    registry.install(loads);
+
+    let broker = match &config.broker {
+        Some(url) => url.clone(),
+        None => broker::start(config.listen)?,
+    };
+    tracing::info!(device_id = %config.device_id, %broker, "serving direct methods");
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::clone(&registry),
+        config.dispatch_limits(),
+    ));
+    let session = Session::new(
+        SessionConfig {
+            broker,
+            device_id: config.device_id.clone(),
+            namespace,
+        },
+        dispatcher,
+        registry,
+    );
+    session.run(shutdown).await;
+    Ok(())
+}
+
+/// Loads every handler file in the configured folder, logging each outcome.
+fn load_all(
+    sandbox: &Sandbox,
+    config: &Config,
+) -> anyhow::Result<Vec<(String, registry::LoadResult)>> {
+    let files = registry::handler_files(&config.handlers)?;
+    if files.is_empty() {
+        tracing::warn!(folder = %config.handlers.display(), "no *.wasm handlers found; every call will answer 404");
+    }
+    Ok(files
+        .iter()
+        .map(|path| {
+            let file = registry::file_name(path);
+            let load = registry::load_file(sandbox, path, &config.device_id, &config.handler_defaults)
+                .map_err(|e| format!("{e:#}"));
+            match &load {
+                Ok(version) => {
+                    let methods: Vec<&str> = version.code.methods().iter().map(|m| m.name.as_str()).collect();
+                    tracing::info!(handler = %version.label(), ?methods, "handler loaded");
+                }
+                Err(error) => tracing::error!(handler = %file, %error, "handler failed to load; it serves nothing"),
+            }
+            (file, load)
+        })
+        .collect())
+}

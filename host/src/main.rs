@@ -1,0 +1,124 @@
+//! The `edge-host` binary: parses flags, sets up logging, runs [`edge_host::run`] until
+//! SIGINT or SIGTERM, and maps failure to a non-zero exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edge_host::Config;
+use edge_proto::BrokerUrl;
+
+/// Serves direct methods (Azure IoT Hub style) from WebAssembly handlers over MQTT.
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-host",
+    version,
+    after_help = "Examples:\n  \
+        edge-host --device-id my-device --handlers ./handlers\n      \
+        runs the embedded broker on 127.0.0.1:1883 and serves every *.wasm in ./handlers\n  \
+        edge-host --device-id pump-7 --handlers /opt/handlers --broker mqtt://broker.site:1883\n      \
+        connects to an existing broker instead\n\n\
+        Logging: RUST_LOG (default info), e.g. RUST_LOG=edge_host=debug"
+)]
+struct Args {
+    /// The device this host is; callers address it by this id.
+    #[arg(long, env = "EDGE_DEVICE_ID")]
+    device_id: Option<String>,
+
+    /// The folder of handler components (*.wasm, each with an optional NAME.toml).
+    #[arg(long, env = "EDGE_HANDLERS", value_name = "DIR")]
+    handlers: Option<PathBuf>,
+
+    /// An existing MQTT broker to connect to; without it the host runs its own.
+    #[arg(long, env = "EDGE_BROKER", value_name = "mqtt://HOST:PORT")]
+    broker: Option<BrokerUrl>,
+
+    /// Where the embedded broker listens. Anything but loopback exposes the broker,
+    /// unauthenticated, to that network.
+    #[arg(
+        long,
+        env = "EDGE_LISTEN",
+        value_name = "ADDR",
+        conflicts_with = "broker"
+    )]
+    listen: Option<SocketAddr>,
+
+    /// The topic namespace; {device-id} stands for the device id.
+    #[arg(long, env = "EDGE_NAMESPACE", value_name = "TEMPLATE")]
+    namespace: Option<String>,
+
+    /// A TOML config file (see edge-host.example.toml); flags override it.
+    #[arg(long, env = "EDGE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(device_id) = self.device_id {
+            config.device_id = device_id;
+        }
+        if let Some(handlers) = self.handlers {
+            config.handlers = handlers;
+        }
+        if let Some(broker) = self.broker {
+            config.broker = Some(broker);
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(namespace) = self.namespace {
+            config.namespace = namespace;
+        }
+        if config.device_id.is_empty() {
+            anyhow::bail!(
+                "no device id: pass --device-id ID (or set EDGE_DEVICE_ID, or device_id in --config)"
+            );
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = args.into_config().and_then(|config| {
+        tokio::runtime::Runtime::new()?.block_on(edge_host::run(config, shutdown_signal()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("edge-host: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the host");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,296 @@
+//! The MQTT session: connects to the broker, subscribes to the device's request topic,
+//! keeps presence and the method catalog (both retained), hands each request to the
+//! dispatcher on a task of its own, and publishes the answers.
+//!
+//! The poll loop never waits on a handler: it only parses topics and spawns. A lost
+//! connection is retried with exponential backoff and jitter; every new connection
+//! subscribes again and republishes presence and catalog.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use edge_proto::{BrokerUrl, Namespace, Presence};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+use tokio::task::JoinSet;
+
+use crate::dispatch::Dispatcher;
+use crate::registry::Registry;
+
+/// The largest MQTT packet taken or sent: a 128 KiB payload and its topic fit with room
+/// to spare, so that an oversized request still arrives and is answered 413.
+const MAX_PACKET: usize = 1024 * 1024;
+
+/// How long a clean shutdown waits for calls in flight to be answered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The first and the longest wait before reconnecting.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the session needs to know about the device and the broker.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The broker to connect to.
+    pub broker: BrokerUrl,
+    /// The device id, which is also the MQTT client id.
+    pub device_id: String,
+    /// The device's topic namespace.
+    pub namespace: Namespace,
+}
+
+/// The device's MQTT session.
+pub struct Session {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    namespace: Arc<Namespace>,
+    dispatcher: Arc<Dispatcher>,
+    registry: Arc<Registry>,
+    calls: JoinSet<()>,
+}
+
+impl Session {
+    /// A session that has not connected yet; [`Session::run`] connects.
+    pub fn new(
+        config: SessionConfig,
+        dispatcher: Arc<Dispatcher>,
+        registry: Arc<Registry>,
+    ) -> Self {
+        let namespace = Arc::new(config.namespace);
+        let mut options =
+            MqttOptions::new(&config.device_id, &config.broker.host, config.broker.port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_last_will(LastWill::new(
+                namespace.presence_topic(),
+                presence_json(false, Some("connection-lost")),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let mut network = NetworkOptions::new();
+        // Without it, each answer can stall ~40 ms on a delayed ACK (Nagle).
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(5);
+        eventloop.set_network_options(network);
+        Self {
+            client,
+            eventloop,
+            namespace,
+            dispatcher,
+            registry,
+            calls: JoinSet::new(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then marks the device offline, answers the
+    /// calls in flight (for at most [`SHUTDOWN_GRACE`]) and disconnects. Connection
+    /// failures never end it: it backs off and reconnects.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Backoff::default();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = self.calls.join_next() => {}
+                event = self.eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff.reset();
+                        self.on_connect();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
+                    Ok(_) => {}
+                    Err(error) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis(), "MQTT connection failed");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
+            }
+        }
+        self.shut_down().await;
+    }
+
+    /// Subscribes to requests and publishes presence and catalog, on every connection.
+    fn on_connect(&self) {
+        tracing::info!(request_filter = %self.namespace.request_filter(), "connected to the broker");
+        let catalog = serde_json::to_vec(&self.registry.catalog()).unwrap_or_default();
+        let queued = self
+            .client
+            .try_subscribe(self.namespace.request_filter(), QoS::AtMostOnce)
+            .and_then(|()| {
+                self.client.try_publish(
+                    self.namespace.catalog_topic(),
+                    QoS::AtLeastOnce,
+                    true,
+                    catalog,
+                )
+            })
+            .and_then(|()| {
+                self.client.try_publish(
+                    self.namespace.presence_topic(),
+                    QoS::AtLeastOnce,
+                    true,
+                    presence_json(true, None),
+                )
+            });
+        if let Err(error) = queued {
+            tracing::error!(%error, "could not queue the subscription and presence");
+        }
+    }
+
+    /// Starts serving one request, or logs why it cannot be answered.
+    fn on_publish(&mut self, publish: rumqttc::Publish) {
+        let request = match self.namespace.parse_request(&publish.topic) {
+            Ok(request) => (
+                request.method.to_owned(),
+                request.request_id.to_owned(),
+                None,
+            ),
+            Err(error) => match error.request_id() {
+                Some(request_id) => (String::new(), request_id.to_owned(), Some(error)),
+                None => {
+                    tracing::warn!(topic = %publish.topic, %error, "ignored a request that cannot be answered");
+                    return;
+                }
+            },
+        };
+        let (method, request_id, topic_error) = request;
+        let dispatcher = Arc::clone(&self.dispatcher);
+        let namespace = Arc::clone(&self.namespace);
+        let client = self.client.clone();
+        self.calls.spawn(async move {
+            let answer = match topic_error {
+                Some(error) => {
+                    let answer = crate::dispatch::CallError::InvalidMethod(error.to_string()).answer();
+                    tracing::warn!(rid = %request_id, %error, status = answer.status, "refused a request");
+                    answer
+                }
+                None => dispatcher.dispatch(&method, &request_id, &publish.payload).await,
+            };
+            let topic = namespace.response_topic(answer.status, &request_id);
+            if let Err(error) = client
+                .publish(topic, QoS::AtLeastOnce, false, answer.payload)
+                .await
+            {
+                tracing::error!(rid = %request_id, %error, "could not queue the response");
+            }
+        });
+    }
+
+    /// Marks the device offline, lets the calls in flight answer, and disconnects.
+    async fn shut_down(mut self) {
+        tracing::info!(in_flight = self.calls.len(), "shutting down");
+        let queued = self
+            .client
+            .try_unsubscribe(self.namespace.request_filter())
+            .and_then(|()| {
+                self.client.try_publish(
+                    self.namespace.presence_topic(),
+                    QoS::AtLeastOnce,
+                    true,
+                    presence_json(false, Some("shutdown")),
+                )
+            });
+        if let Err(error) = queued {
+            tracing::warn!(%error, "could not queue the offline presence");
+        }
+        let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(grace);
+        let mut disconnecting = false;
+        loop {
+            if self.calls.is_empty() && !disconnecting {
+                disconnecting = self.client.try_disconnect().is_ok();
+                if !disconnecting {
+                    break;
+                }
+            }
+            tokio::select! {
+                () = &mut grace => {
+                    tracing::warn!(abandoned = self.calls.len(), "calls still running at the end of the shutdown grace");
+                    break;
+                }
+                Some(_) = self.calls.join_next() => {}
+                event = self.eventloop.poll() => match event {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        tracing::debug!(topic = %publish.topic, "ignored a request during shutdown");
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "connection lost during shutdown");
+                        break;
+                    }
+                },
+            }
+        }
+        self.calls.abort_all();
+        tracing::info!("disconnected");
+    }
+}
+
+/// The presence document, as JSON bytes.
+fn presence_json(online: bool, reason: Option<&str>) -> Vec<u8> {
+    let presence = Presence {
+        online,
+        since: online.then(|| humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+        reason: reason.map(str::to_owned),
+        agent: Some(concat!("edge-host ", env!("CARGO_PKG_VERSION")).to_owned()),
+    };
+    serde_json::to_vec(&presence).unwrap_or_default()
+}
+
+/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
+#[derive(Debug, Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = BACKOFF_MIN
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        // Full jitter: anywhere from the minimum up to the ceiling, so that many devices
+        // losing one broker do not come back in lockstep.
+        let span = ceiling.saturating_sub(BACKOFF_MIN).as_millis() as u64;
+        BACKOFF_MIN + Duration::from_millis(jitter(span))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A number in `0..=max` from the clock's low bits: jitter needs no better randomness.
+fn jitter(max: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    nanos % (max + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_resets() {
+        let mut backoff = Backoff::default();
+        for _ in 0..40 {
+            let delay = backoff.next_delay();
+            assert!((BACKOFF_MIN..=BACKOFF_MAX).contains(&delay), "{delay:?}");
+        }
+        assert_eq!(backoff.attempt, 40);
+        backoff.reset();
+        // The first retry after a reset is quick again.
+        assert_eq!(backoff.next_delay(), BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,377 @@
+//! The sandbox: one wasmtime engine for the host, handler components compiled and
+//! pre-instantiated once per version, and a fresh, limited Store for every call.
+//!
+//! A call gets a fresh instance from the version's [`DeviceHandlerPre`], a deadline
+//! enforced by epoch interruption, a linear-memory cap enforced by a resource limiter,
+//! and WASI with nothing granted: no files, network, environment, arguments or stdin.
+//! What the handler prints is captured and logged, tagged with the method and request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::error::Context as _;
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::dispatch::CallError;
+
+/// The bindings of the handler world, generated once; only what the host uses leaves.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "device-handler",
+    });
+}
+
+use bindings::edge::methods::host::{self as host_api, Level};
+pub use bindings::exports::edge::methods::handler::{MethodInfo, Request, Response};
+use bindings::{DeviceHandler, DeviceHandlerPre};
+
+/// How often the epoch advances: the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How long a handler may take to list its methods when it is loaded.
+const LOAD_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How much a handler may print in one call before further writes fail.
+const OUTPUT_CAPACITY: usize = 64 * 1024;
+
+/// Host-wide sandbox settings.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Instances that may exist at once (calls in flight plus loads); sizes the pool.
+    pub max_instances: u32,
+    /// The largest linear memory any handler may be granted, in bytes.
+    pub max_memory: usize,
+}
+
+/// The engine and linker every handler version is compiled and linked with.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<CallState>,
+}
+
+impl Sandbox {
+    /// Builds the engine (pooling allocator, epoch interruption) and the linker (WASI
+    /// p2 and the host interface), and starts the epoch ticker.
+    ///
+    /// # Errors
+    /// When wasmtime refuses the configuration (for example the pool cannot be
+    /// reserved in this process's address space).
+    pub fn new(config: &SandboxConfig) -> wasmtime::Result<Self> {
+        let instances = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(instances)
+            // A Rust wasip2 component is a handful of core instances (the program and
+            // the adapter shims), each with at most one memory and a few tables.
+            .total_core_instances(instances * 8)
+            .total_memories(instances * 2)
+            .total_tables(instances * 8)
+            .max_memory_size(config.max_memory);
+        let mut engine_config = wasmtime::Config::new();
+        engine_config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&engine_config).context("configuring wasmtime")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("linking WASI")?;
+        DeviceHandler::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)
+            .context("linking the host interface")?;
+
+        start_epoch_ticker(&engine);
+        Ok(Self { engine, linker })
+    }
+
+    /// Compiles a handler component, pre-instantiates it against the linker, and asks
+    /// it once which methods it serves.
+    ///
+    /// # Errors
+    /// When the bytes are not a component, the component imports something the host
+    /// does not give, does not export the `edge:methods/handler` interface, traps while
+    /// listing its methods, or lists an invalid or duplicate method name.
+    pub fn load(&self, wasm: &[u8], context: HandlerContext) -> wasmtime::Result<HandlerCode> {
+        let component = Component::new(&self.engine, wasm).context("not a valid component")?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .context("the component needs imports the host does not give")?;
+        let pre = DeviceHandlerPre::new(pre)
+            .context("the component does not implement the edge:methods handler world")?;
+        let context = Arc::new(context);
+        let mut store = self.store(&context, "(load)", "-", LOAD_DEADLINE);
+        let methods = pre
+            .instantiate(&mut store)
+            .and_then(|handler| handler.edge_methods_handler().call_methods(&mut store))
+            .map_err(|e| describe_failure(e, &store, LOAD_DEADLINE))
+            .context("listing the handler's methods failed")?;
+        check_methods(&methods)?;
+        Ok(HandlerCode {
+            engine: self.engine.clone(),
+            pre,
+            context,
+            methods,
+        })
+    }
+
+    fn store(
+        &self,
+        context: &Arc<HandlerContext>,
+        method: &str,
+        request_id: &str,
+        deadline: Duration,
+    ) -> Store<CallState> {
+        new_store(&self.engine, context, method, request_id, deadline)
+    }
+}
+
+fn new_store(
+    engine: &Engine,
+    context: &Arc<HandlerContext>,
+    method: &str,
+    request_id: &str,
+    deadline: Duration,
+) -> Store<CallState> {
+    let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+    let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+    let wasi = WasiCtx::builder()
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .build();
+    let state = CallState {
+        wasi,
+        table: ResourceTable::new(),
+        limiter: MemoryLimiter {
+            max: context.max_memory,
+            exhausted: false,
+        },
+        context: Arc::clone(context),
+        method: method.to_owned(),
+        request_id: request_id.to_owned(),
+        stdout,
+        stderr,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    store.set_epoch_deadline(ticks(deadline));
+    store
+}
+
+/// Epoch ticks that cover `deadline`, rounding up, and at least one.
+fn ticks(deadline: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    u64::try_from(deadline.as_nanos().div_ceil(tick))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own, until the
+/// engine is dropped.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the ticker no deadline fires: say so loudly, but the host can serve.
+        tracing::error!(error = %e, "could not start the epoch ticker; call deadlines will not be enforced");
+    }
+}
+
+fn check_methods(methods: &[MethodInfo]) -> wasmtime::Result<()> {
+    if methods.is_empty() {
+        wasmtime::bail!("the handler serves no methods");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for method in methods {
+        edge_proto::topic::check_method(&method.name)
+            .with_context(|| format!("the handler lists an invalid method {:?}", method.name))?;
+        if !seen.insert(method.name.as_str()) {
+            wasmtime::bail!("the handler lists method {:?} twice", method.name);
+        }
+    }
+    Ok(())
+}
+
+/// What a handler version knows about itself, shared by all its calls.
+#[derive(Debug, Clone)]
+pub struct HandlerContext {
+    /// The handler's file name, such as `echo.wasm`, for logs.
+    pub file: String,
+    /// The device id the host serves.
+    pub device_id: String,
+    /// The handler's own configuration values (its sidecar's `[config]` table).
+    pub config: BTreeMap<String, String>,
+    /// The linear-memory cap of one instance, in bytes.
+    pub max_memory: usize,
+}
+
+/// One compiled, pre-instantiated handler version.
+pub struct HandlerCode {
+    engine: Engine,
+    pre: DeviceHandlerPre<CallState>,
+    context: Arc<HandlerContext>,
+    methods: Vec<MethodInfo>,
+}
+
+impl HandlerCode {
+    /// The methods this version serves, as it listed them when loaded.
+    pub fn methods(&self) -> &[MethodInfo] {
+        &self.methods
+    }
+
+    /// Runs one call in a fresh instance. Blocks the thread for as long as the handler
+    /// runs (at most `deadline`): call it from a blocking thread, never the poll loop.
+    ///
+    /// # Errors
+    /// When the handler does not finish within `deadline`, exhausts its memory, or
+    /// traps; none of these affect any other call.
+    pub fn call(&self, request: &Request, deadline: Duration) -> Result<Response, CallError> {
+        let mut store = new_store(
+            &self.engine,
+            &self.context,
+            &request.method,
+            &request.request_id,
+            deadline,
+        );
+        let result = self.pre.instantiate(&mut store).and_then(|handler| {
+            handler
+                .edge_methods_handler()
+                .call_handle(&mut store, request)
+        });
+        log_output(store.data());
+        result.map_err(|e| describe_failure(e, &store, deadline))
+    }
+}
+
+/// Turns a wasmtime error into the call failure it stands for.
+fn describe_failure(
+    error: wasmtime::Error,
+    store: &Store<CallState>,
+    deadline: Duration,
+) -> CallError {
+    if store.data().limiter.exhausted {
+        return CallError::MemoryExhausted {
+            limit: store.data().limiter.max,
+        };
+    }
+    tracing::debug!(error = ?error, "handler failure in full");
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::Deadline(deadline),
+        // The trap itself says what happened; the wasm backtrace stays in the debug log.
+        Some(trap) => CallError::Trapped(trap.to_string()),
+        None => CallError::Trapped(error.root_cause().to_string()),
+    }
+}
+
+/// Logs what the handler printed during a call, a line at a time.
+fn log_output(state: &CallState) {
+    for (stream, pipe) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+        let contents = pipe.contents();
+        for line in String::from_utf8_lossy(&contents).lines() {
+            tracing::info!(
+                target: "edge_host::handler",
+                handler = %state.context.file,
+                method = %state.method,
+                rid = %state.request_id,
+                stream,
+                "{line}"
+            );
+        }
+    }
+}
+
+/// What a call's Store holds: only what one call needs.
+pub struct CallState {
+    /// WASI, with nothing granted but captured stdout/stderr.
+    wasi: WasiCtx,
+    /// WASI's resources (streams, pollables).
+    table: ResourceTable,
+    /// The linear-memory cap, and whether the handler hit it.
+    limiter: MemoryLimiter,
+    /// The handler's identity and configuration.
+    context: Arc<HandlerContext>,
+    /// The method being served, for log lines.
+    method: String,
+    /// The request being served, for log lines.
+    request_id: String,
+    /// What the handler prints on stdout.
+    stdout: MemoryOutputPipe,
+    /// What the handler prints on stderr.
+    stderr: MemoryOutputPipe,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host_api::Host for CallState {
+    fn log(&mut self, level: Level, message: String) {
+        let (file, method, rid) = (&self.context.file, &self.method, &self.request_id);
+        macro_rules! log_at {
+            ($level:ident) => {
+                tracing::$level!(target: "edge_host::handler", handler = %file, method = %method, rid = %rid, "{message}")
+            };
+        }
+        match level {
+            Level::Trace => log_at!(trace),
+            Level::Debug => log_at!(debug),
+            Level::Info => log_at!(info),
+            Level::Warn => log_at!(warn),
+            Level::Error => log_at!(error),
+        }
+    }
+
+    fn device_id(&mut self) -> String {
+        self.context.device_id.clone()
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.context.config.get(&key).cloned()
+    }
+}
+
+/// Caps one instance's linear memory, and remembers whether the cap was hit so that
+/// the resulting trap can be reported as memory exhaustion.
+struct MemoryLimiter {
+    /// The cap in bytes.
+    max: usize,
+    /// Whether a growth was refused.
+    exhausted: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.max;
+        self.exhausted |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}

@@ -1,0 +1,130 @@
+//! Where the broker is: `mqtt://host:port`, as the host and the invoker take it.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The MQTT port when a URL names none.
+pub const DEFAULT_PORT: u16 = 1883;
+
+/// A broker address parsed from `mqtt://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// Why a broker URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid broker URL {url:?}: {reason} (expected mqtt://host:port)")]
+pub struct BrokerUrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl FromStr for BrokerUrl {
+    type Err = BrokerUrlError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| BrokerUrlError {
+            url: url.to_owned(),
+            reason,
+        };
+        let rest = url
+            .strip_prefix("mqtt://")
+            .ok_or_else(|| fail("only the mqtt:// scheme is supported"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('@') {
+            return Err(fail("a path or user info is not allowed"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| fail("unclosed '['"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(fail("no host"));
+        }
+        let port = match port {
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| fail("the port is not a number from 1 to 65535"))?,
+            None => DEFAULT_PORT,
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<BrokerUrl, BrokerUrlError> {
+        url.parse()
+    }
+
+    #[test]
+    fn parses_host_and_port() {
+        assert_eq!(
+            parse("mqtt://127.0.0.1:1884"),
+            Ok(BrokerUrl {
+                host: "127.0.0.1".into(),
+                port: 1884
+            })
+        );
+        assert_eq!(
+            parse("mqtt://broker.local"),
+            Ok(BrokerUrl {
+                host: "broker.local".into(),
+                port: 1883
+            })
+        );
+        assert_eq!(
+            parse("mqtt://[::1]:1885/"),
+            Ok(BrokerUrl {
+                host: "::1".into(),
+                port: 1885
+            })
+        );
+        assert_eq!(
+            parse("mqtt://[::1]:1885").map(|u| u.to_string()),
+            Ok("mqtt://[::1]:1885".into())
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_connect_to() {
+        for bad in [
+            "127.0.0.1:1883",
+            "tcp://h:1",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtt://h:x",
+            "mqtt://h/topic",
+            "mqtt://u@h",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}

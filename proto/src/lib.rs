@@ -1,0 +1,25 @@
+//! The edge-methods wire protocol, shared by the host and the invoker so that neither
+//! restates it (and so that the invoker does not depend on wasmtime).
+//!
+//! Layout:
+//! - [`broker`]: the broker address, `mqtt://host:port`.
+//! - [`topic`]: the per-device namespace and Azure IoT Hub's direct-method topics under
+//!   it: building them and parsing them back, with the names checked.
+//! - [`status`]: the statuses and error bodies the host answers with itself, and the
+//!   service-side error codes a caller sees (404103, 504101, 400004).
+//! - [`message`]: the retained presence and method-catalog documents, and the payload
+//!   rules (size, JSON).
+//!
+//! `docs/protocol.md` is the same contract in prose, with a worked example.
+
+pub mod broker;
+pub mod message;
+pub mod status;
+pub mod topic;
+
+pub use broker::BrokerUrl;
+pub use message::{
+    Catalog, CatalogEntry, CatalogFailure, MAX_PAYLOAD, PayloadError, Presence, json_payload,
+};
+pub use status::{ErrorBody, ErrorCode, ServiceError};
+pub use topic::{NameError, Namespace, RequestTopic, RequestTopicError, ResponseTopic};

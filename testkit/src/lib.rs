@@ -1,0 +1,400 @@
+//! What the end-to-end tests share, so each test reads as the behaviour it pins down:
+//! - [`guest`] and [`HandlerDir`]: real components built from `handlers/` and
+//!   `testkit/fixtures/` by this crate's build script, copied into temporary folders;
+//! - [`Mosquitto`]: a real Mosquitto on a free loopback port, stopped on drop;
+//! - [`TestHost`]: an edge-host running in-process with an injected shutdown;
+//! - [`presence`]: waits for a device's retained presence, as a caller sees it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use edge_proto::{BrokerUrl, Namespace, Presence};
+use tempfile::TempDir;
+
+/// The path of a built guest component, by package name (`echo`, `misbehave`, ...).
+pub fn guest(package: &str) -> PathBuf {
+    Path::new(env!("EDGE_GUESTS_DIR")).join(format!("{}.wasm", package.replace('-', "_")))
+}
+
+/// Sends the host's and the tests' logs to the test output (shown on failure or with
+/// `--nocapture`); `RUST_LOG` filters them.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    // Another test in the same binary may have set it up already.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A temporary handlers folder holding copies of built guests.
+pub struct HandlerDir {
+    dir: TempDir,
+}
+
+impl HandlerDir {
+    /// A folder with each named guest as `NAME.wasm`.
+    ///
+    /// # Errors
+    /// When a guest is not built or cannot be copied.
+    pub fn with(packages: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("creating a handlers folder")?;
+        let this = Self { dir };
+        for package in packages {
+            this.add(package)?;
+        }
+        Ok(this)
+    }
+
+    /// Copies guest `package` in as `NAME.wasm`.
+    ///
+    /// # Errors
+    /// When the guest is not built or cannot be copied.
+    pub fn add(&self, package: &str) -> anyhow::Result<PathBuf> {
+        let to = self.path().join(format!("{package}.wasm"));
+        std::fs::copy(guest(package), &to)
+            .with_context(|| format!("copying guest {package} to {}", to.display()))?;
+        Ok(to)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; taken soon after by the caller).
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_listening(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > timeout {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A Mosquitto broker of the test's own, on a free loopback port, with TCP_NODELAY
+/// on; killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with no ACL (anonymous access).
+    ///
+    /// # Errors
+    /// When Mosquitto is not installed or does not start listening.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("")
+    }
+
+    /// Starts Mosquitto with `extra` appended to its configuration.
+    ///
+    /// # Errors
+    /// When Mosquitto is not installed or does not start listening.
+    pub fn start_with(extra: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = tempfile::tempdir().context("creating Mosquitto's folder")?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                 persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+            ),
+        )?;
+        Self::spawn(port, dir)
+    }
+
+    fn spawn(port: u16, dir: TempDir) -> anyhow::Result<Self> {
+        let child = launch(port, dir.path())?;
+        Ok(Self { child, port, dir })
+    }
+
+    /// Kills the broker and starts it again on the same port and configuration.
+    ///
+    /// # Errors
+    /// When it does not come back.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().ok();
+        self.child.wait().ok();
+        self.child = launch(self.port, self.dir.path())?;
+        Ok(())
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> BrokerUrl {
+        BrokerUrl {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// Runs Mosquitto with the configuration in `dir` and waits until it listens.
+fn launch(port: u16, dir: &Path) -> anyhow::Result<Child> {
+    let binary = mosquitto_binary()?;
+    let mut child = Command::new(&binary)
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    if let Err(e) = wait_listening(port, Duration::from_secs(10)) {
+        let exited = child.try_wait().ok().flatten();
+        child.kill().ok();
+        bail!("Mosquitto did not start (exit status {exited:?}): {e}");
+    }
+    Ok(child)
+}
+
+/// Where Mosquitto is: `$MOSQUITTO`, else `mosquitto` on the PATH, else Debian's
+/// `/usr/sbin/mosquitto`.
+fn mosquitto_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MOSQUITTO") {
+        return Ok(path.into());
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("mosquitto"))
+        .find(|path| path.is_file());
+    let debian = PathBuf::from("/usr/sbin/mosquitto");
+    on_path
+        .or_else(|| debian.is_file().then_some(debian))
+        .context("Mosquitto is not installed: `apt-get install -y mosquitto` (cargo xtask test installs it)")
+}
+
+/// An edge-host running in this process, stopped through its injected shutdown.
+pub struct TestHost {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The device id it serves.
+    pub device_id: String,
+    /// The broker it is connected to.
+    pub broker: BrokerUrl,
+}
+
+/// A host configuration for tests: `device_id` serving `handlers` through `broker`.
+pub fn host_config(device_id: &str, handlers: &Path, broker: BrokerUrl) -> edge_host::Config {
+    edge_host::Config {
+        device_id: device_id.to_owned(),
+        handlers: handlers.to_owned(),
+        broker: Some(broker),
+        ..edge_host::Config::default()
+    }
+}
+
+impl TestHost {
+    /// Starts a host and waits until it is online (subscribed, presence published).
+    /// With no broker in `config`, the host starts its embedded broker.
+    ///
+    /// # Errors
+    /// When the host fails to start or is not online within 30 s.
+    pub async fn start(config: edge_host::Config) -> anyhow::Result<Self> {
+        let broker = match &config.broker {
+            Some(url) => url.clone(),
+            None => BrokerUrl {
+                host: config.listen.ip().to_string(),
+                port: config.listen.port(),
+            },
+        };
+        let device_id = config.device_id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(edge_host::run(config, async {
+            rx.await.ok();
+        }));
+        let online = tokio::select! {
+            online = presence(&broker, &device_id, true, Duration::from_secs(30)) => online,
+            ended = wait_task(&task) => Err(anyhow::anyhow!("the host stopped while starting: {ended:?}")),
+        };
+        let host = Self {
+            shutdown: Some(tx),
+            task,
+            device_id,
+            broker,
+        };
+        online?;
+        Ok(host)
+    }
+
+    /// Shuts the host down cleanly and waits until it has.
+    ///
+    /// # Errors
+    /// When the host ended with an error.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).ok();
+        }
+        (&mut self.task).await.context("the host task panicked")?
+    }
+}
+
+async fn wait_task(task: &tokio::task::JoinHandle<anyhow::Result<()>>) -> &'static str {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    "ended"
+}
+
+/// Waits until `device_id`'s retained presence says `online`, as a caller would see it.
+///
+/// # Errors
+/// When the broker cannot be reached or the presence does not match within `timeout`.
+pub async fn presence(
+    broker: &BrokerUrl,
+    device_id: &str,
+    online: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let topic = Namespace::for_device(device_id)?.presence_topic();
+    let client_id = format!("testkit-presence-{}-{}", std::process::id(), free_port()?);
+    let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let wait = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    client.subscribe(&topic, rumqttc::QoS::AtLeastOnce).await?;
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == topic => {
+                    let seen: Presence = serde_json::from_slice(&p.payload)?;
+                    if seen.online == online {
+                        return anyhow::Ok(());
+                    }
+                }
+                Ok(_) => {}
+                // The broker or host may still be starting: try again shortly.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    let result = tokio::time::timeout(timeout, wait).await.with_context(|| {
+        format!(
+            "{device_id} not {} within {timeout:?}",
+            if online { "online" } else { "offline" }
+        )
+    })?;
+    client.disconnect().await.ok();
+    result
+}
+
+/// A plain MQTT client for tests that speak the wire protocol directly: publish any
+/// topic and payload, and read what arrives on the subscribed filters.
+pub struct RawClient {
+    client: rumqttc::AsyncClient,
+    messages: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    subscribed: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl RawClient {
+    /// Connects to `broker` and subscribes to `filters` (QoS 1), waiting for the
+    /// broker's acknowledgement.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or does not acknowledge within 10 s.
+    pub async fn connect(broker: &BrokerUrl, filters: &[String]) -> anyhow::Result<Self> {
+        let client_id = format!("testkit-raw-{}-{}", std::process::id(), free_port()?);
+        let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let (acked, subscribed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        acked.send(()).ok();
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        let mut raw = Self {
+            client,
+            messages,
+            subscribed,
+        };
+        for filter in filters {
+            raw.client
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await?;
+            tokio::time::timeout(Duration::from_secs(10), raw.subscribed.recv())
+                .await
+                .with_context(|| format!("no SUBACK for {filter}"))?;
+        }
+        Ok(raw)
+    }
+
+    /// Publishes `payload` on `topic` at QoS 0, as callers send requests.
+    ///
+    /// # Errors
+    /// When the client's queue is closed.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// The next message whose topic satisfies `wanted`, skipping others, within
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// When none arrives in time.
+    pub async fn next_where(
+        &mut self,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<(String, Vec<u8>)> {
+        tokio::time::timeout(timeout, async {
+            while let Some((topic, payload)) = self.messages.recv().await {
+                if wanted(&topic) {
+                    return Some((topic, payload));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .with_context(|| format!("no matching message within {timeout:?}"))
+    }
+}
