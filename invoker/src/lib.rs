@@ -1,0 +1,29 @@
+//! edge-invoker: calls direct methods on edge devices over MQTT and shows the answers,
+//! as Azure IoT Hub's service API does (statuses, 404103 / 504101 / 400004).
+//!
+//! Layout:
+//! - [`caller`]: [`Caller`], one MQTT session shared by concurrent calls: connects,
+//!   learns each device's presence, publishes requests and routes responses back to
+//!   their calls by request id.
+//! - [`call`]: what one call is: [`CallRequest`] and its argument checks,
+//!   [`MethodResponse`], [`CallError`].
+//! - [`cli`]: the command line (clap): global options and subcommands.
+//! - [`command`]: runs a subcommand from a parsed command line with injected streams
+//!   ([`run`], [`run_with`]).
+//! - [`output`]: how answers and errors are printed, for people or as JSON.
+//! - [`exit`]: [`Exit`], the exit code of each kind of outcome.
+//!
+//! The wire protocol (topics, codes, payload rules) comes from `edge-proto`.
+
+pub mod call;
+pub mod caller;
+pub mod cli;
+pub mod command;
+pub mod exit;
+pub mod output;
+
+pub use call::{CallError, CallRequest, MethodResponse, ResponsePayload};
+pub use caller::{Caller, ConnectOptions};
+pub use cli::Cli;
+pub use command::{Io, run, run_with};
+pub use exit::Exit;
