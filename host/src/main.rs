@@ -19,7 +19,7 @@ use edge_proto::BrokerUrl;
         runs the embedded broker on 127.0.0.1:1883 and serves every *.wasm in ./handlers\n  \
         edge-host --device-id pump-7 --handlers /opt/handlers --broker mqtt://broker.site:1883\n      \
         connects to an existing broker instead\n\n\
-        Logging: RUST_LOG (default info), e.g. RUST_LOG=edge_host=debug"
+        Logging: RUST_LOG (default info; the embedded broker's own log is off, as it reports\n        every client disconnect as an error: RUST_LOG=info,rumqttd=info shows it)"
 )]
 struct Args {
     /// The device this host is; callers address it by this id.
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
         .init();

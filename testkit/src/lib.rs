@@ -22,7 +22,7 @@ pub fn guest(package: &str) -> PathBuf {
 /// `--nocapture`); `RUST_LOG` filters them.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     // Another test in the same binary may have set it up already.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

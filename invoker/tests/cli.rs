@@ -1,0 +1,245 @@
+//! edge-invoker as operators run it: the real binary against real hosts serving real
+//! handler components, on the embedded broker and through Mosquitto.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use edge_proto::BrokerUrl;
+use serde_json::{Value, json};
+use testkit::{HandlerDir, Mosquitto, TestHost, free_port, host_config};
+
+/// Runs `edge-invoker --broker URL ARGS...`.
+async fn invoker(broker: &BrokerUrl, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-invoker"))
+        .arg("--broker")
+        .arg(broker.to_string())
+        .args(args)
+        .output()
+        .await
+        .expect("edge-invoker runs")
+}
+
+/// Runs a `--json` call and returns the exit code and the JSON printed.
+async fn call_json(broker: &BrokerUrl, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["--json", "call"];
+    all.extend_from_slice(args);
+    let out = invoker(broker, &all).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json printed {stdout:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().expect("exit code"), json)
+}
+
+async fn start_host(device: &str, broker: Option<&Mosquitto>) -> (TestHost, HandlerDir) {
+    testkit::init_logging();
+    let handlers =
+        HandlerDir::with(&["device-method", "echo", "device-info", "misbehave"]).expect("handlers");
+    let mut config = match broker {
+        Some(mosquitto) => host_config(device, handlers.path(), mosquitto.url()),
+        None => {
+            let mut config = host_config(
+                device,
+                handlers.path(),
+                BrokerUrl {
+                    host: String::new(),
+                    port: 0,
+                },
+            );
+            config.broker = None;
+            config.listen = ([127, 0, 0, 1], free_port().expect("free port")).into();
+            config
+        }
+    };
+    // Longer than the invoker's shortest response timeout (5 s), so that a handler that
+    // spins is timed out by the caller first; short enough to end the test soon after.
+    config.limits.call_timeout_ms = 8_000;
+    let host = TestHost::start(config).await.expect("host starts");
+    (host, handlers)
+}
+
+/// The calls both brokers must carry the same way: each status, with its body and exit code.
+async fn statuses_and_bodies(broker: &BrokerUrl, device: &str) {
+    let (code, out) = call_json(
+        broker,
+        &[device, "DeviceMethod", r#"{"method_number":"42"}"#],
+    )
+    .await;
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            json!({"status": 200, "payload": {"Response": "This is the response from the device"}})
+        )
+    );
+
+    let (code, out) = call_json(broker, &[device, "echo", r#"{"big":12345678901234567890}"#]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out["payload"]["big"].to_string(),
+        "12345678901234567890",
+        "numbers keep their digits: {out}"
+    );
+
+    let (code, out) = call_json(broker, &[device, "getInfo"]).await;
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["deviceId"]),
+        (0, &json!(200), &json!(device)),
+        "{out}"
+    );
+
+    // 400 chosen by the handler: a payload it cannot use.
+    let (code, out) = call_json(broker, &[device, "reboot", r#"{"delaySeconds":-1}"#]).await;
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["error"]["code"]),
+        (1, &json!(400), &json!("invalidPayload")),
+        "{out}"
+    );
+
+    let (code, out) = call_json(broker, &[device, "noSuchMethod", "{}"]).await;
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["error"]["code"]),
+        (1, &json!(404), &json!("methodNotFound")),
+        "{out}"
+    );
+
+    let (code, out) = call_json(broker, &[device, "panic", "{}"]).await;
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["error"]["code"]),
+        (1, &json!(500), &json!("handlerFailed")),
+        "{out}"
+    );
+
+    let (code, out) = call_json(broker, &[device, "notJson", "{}"]).await;
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["error"]["code"]),
+        (1, &json!(500), &json!("invalidResponse")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn the_tutorial_call_prints_what_call_method_on_device_prints() {
+    let (host, _handlers) = start_host("my-device", None).await;
+    let out = invoker(
+        &host.broker,
+        &[
+            "call",
+            "my-device",
+            "DeviceMethod",
+            r#"{"method_number":"42"}"#,
+        ],
+    )
+    .await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stderr.contains(r#"Invoking method 'DeviceMethod' on device 'my-device' with payload: {"method_number":"42"}"#), "{stderr}");
+    assert_eq!(
+        stdout,
+        "Response status : 200\nResponse payload: {\"Response\":\"This is the response from the device\"}\n"
+    );
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn statuses_and_bodies_on_the_embedded_broker() {
+    let (host, _handlers) = start_host("embedded-device", None).await;
+    statuses_and_bodies(&host.broker, "embedded-device").await;
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn statuses_and_bodies_through_mosquitto() {
+    let mosquitto = Mosquitto::start().expect("mosquitto starts");
+    let (host, _handlers) = start_host("mosquitto-device", Some(&mosquitto)).await;
+    statuses_and_bodies(&mosquitto.url(), "mosquitto-device").await;
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_offline_device_fails_at_once_with_404103() {
+    let mosquitto = Mosquitto::start().expect("mosquitto starts");
+    let (host, _handlers) = start_host("gone-device", Some(&mosquitto)).await;
+    host.stop().await.expect("clean stop");
+    let started = Instant::now();
+    let (code, out) = call_json(&mosquitto.url(), &["gone-device", "echo", "{}"]).await;
+    assert_eq!((code, &out["errorCode"]), (3, &json!(404103)), "{out}");
+    // "At once": well under the 30 s default response timeout the call would otherwise wait.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let out = invoker(&mosquitto.url(), &["call", "gone-device", "echo"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr.contains("error: device 'gone-device' is not online (404103 DeviceNotOnline)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_that_does_not_answer_in_time_gives_504101() {
+    let mosquitto = Mosquitto::start().expect("mosquitto starts");
+    let (host, _handlers) = start_host("slow-device", Some(&mosquitto)).await;
+    let (code, out) = call_json(
+        &mosquitto.url(),
+        &["slow-device", "spin", "{}", "--response-timeout", "5"],
+    )
+    .await;
+    assert_eq!((code, &out["errorCode"]), (4, &json!(504101)), "{out}");
+    // The spinning call costs only itself: the host answers others meanwhile and after.
+    let (code, out) = call_json(&mosquitto.url(), &["slow-device", "echo", "1"]).await;
+    assert_eq!((code, out), (0, json!({"status": 200, "payload": 1})));
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn bad_usage_is_one_line_naming_the_problem() {
+    let port = free_port().expect("free port");
+    let nowhere = BrokerUrl {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    for (args, needle) in [
+        (vec!["call", "d", "m", "{not json"], "payload is not JSON"),
+        (
+            vec!["call", "d", "m", "{}", "--response-timeout", "4"],
+            "400004",
+        ),
+        (
+            vec!["call", "d", "m", "{}", "--connect-timeout", "301"],
+            "400004",
+        ),
+        (vec!["call", "bad/device", "m"], "device id"),
+    ] {
+        let out = invoker(&nowhere, &args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| l.starts_with("error"))
+                .count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let out = invoker(&nowhere, &["frobnicate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
