@@ -28,6 +28,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The topic namespace template; `{device-id}` stands for the device id.
     pub namespace: String,
+    /// Where compiled handler code is cached; unset means the user's cache folder
+    /// (`$XDG_CACHE_HOME/edge-host` or `~/.cache/edge-host`).
+    pub cache_dir: Option<PathBuf>,
+    /// Whether to cache compiled handler code at all.
+    pub cache: bool,
     /// Limits that hold for every call.
     pub limits: Limits,
     /// Settings of handlers whose sidecar does not set them.
@@ -42,6 +47,8 @@ impl Default for Config {
             broker: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             namespace: edge_proto::topic::DEFAULT_NAMESPACE.to_owned(),
+            cache_dir: None,
+            cache: true,
             limits: Limits::default(),
             handler_defaults: HandlerSettings::default(),
         }
@@ -57,6 +64,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The folder compiled code is cached in, or none when caching is off.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache.then(|| {
+            self.cache_dir
+                .clone()
+                .unwrap_or_else(crate::cache::default_dir)
+        })
     }
 
     /// The dispatch limits these settings give.
@@ -120,18 +136,12 @@ impl Default for HandlerSettings {
 }
 
 impl HandlerSettings {
-    /// Reads the sidecar at `path` over `defaults`; no sidecar gives the defaults.
+    /// Reads a sidecar's text over `defaults`: what it sets wins, key by key.
     ///
     /// # Errors
-    /// When the sidecar exists but cannot be read, is not TOML, or holds an unknown key.
-    pub fn load_sidecar(path: &Path, defaults: &HandlerSettings) -> anyhow::Result<Self> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(defaults.clone()),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        let sidecar: Sidecar =
-            toml::from_str(&text).with_context(|| format!("invalid sidecar {}", path.display()))?;
+    /// When the text is not TOML or holds an unknown key.
+    pub fn parse_sidecar(text: &str, defaults: &HandlerSettings) -> anyhow::Result<Self> {
+        let sidecar: Sidecar = toml::from_str(text)?;
         let mut config = defaults.config.clone();
         config.extend(sidecar.config);
         Ok(Self {
@@ -179,21 +189,15 @@ mod tests {
 
     #[test]
     fn a_sidecar_overrides_the_defaults_key_by_key() {
-        let dir = std::env::temp_dir().join(format!("edge-sidecar-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("h.toml");
-        std::fs::write(&path, "max_memory = 1048576\n[config]\nmodel = \"x1\"\n").expect("write");
         let mut defaults = HandlerSettings::default();
         defaults.config.insert("site".into(), "s".into());
-        let settings = HandlerSettings::load_sidecar(&path, &defaults).expect("sidecar parses");
+        let text = "max_memory = 1048576\n[config]\nmodel = \"x1\"\n";
+        let settings = HandlerSettings::parse_sidecar(text, &defaults).expect("sidecar parses");
         assert_eq!(settings.max_memory, 1 << 20);
         assert_eq!(settings.config.get("model").map(String::as_str), Some("x1"));
         assert_eq!(settings.config.get("site").map(String::as_str), Some("s"));
-        std::fs::write(&path, "max_memroy = 1").expect("write");
-        assert!(HandlerSettings::load_sidecar(&path, &defaults).is_err());
-        let missing =
-            HandlerSettings::load_sidecar(&dir.join("none.toml"), &defaults).expect("no sidecar");
-        assert_eq!(missing.max_memory, DEFAULT_MAX_MEMORY);
-        std::fs::remove_dir_all(&dir).ok();
+        assert!(HandlerSettings::parse_sidecar("max_memroy = 1", &defaults).is_err());
+        let empty = HandlerSettings::parse_sidecar("", &defaults).expect("empty sidecar");
+        assert_eq!(empty.max_memory, DEFAULT_MAX_MEMORY);
     }
 }

@@ -17,11 +17,13 @@
 //! [`run`] ties them together; the `edge-host` binary is a thin wrapper around it.
 
 pub mod broker;
+pub mod cache;
 pub mod config;
 pub mod dispatch;
 pub mod mqtt;
 pub mod registry;
 pub mod sandbox;
+pub mod watcher;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,19 +38,28 @@ use crate::dispatch::Dispatcher;
 use crate::mqtt::{Session, SessionConfig};
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::watcher::Loader;
 
 /// Instances kept for loading handlers, beyond the calls in flight.
 const LOAD_INSTANCES: u32 = 16;
 
-/// Runs the host until `shutdown` completes: loads the handlers, starts the embedded
-/// broker unless an external one is configured, and serves calls.
+/// What a host did, reported when it stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    /// Components compiled (not taken from the compiled-code cache), reloads included.
+    pub compilations: u64,
+}
+
+/// Runs the host until `shutdown` completes: loads the handlers, watches their folder
+/// for changes, starts the embedded broker unless an external one is configured, and
+/// serves calls.
 ///
 /// # Errors
 /// When the configuration is invalid (device id, namespace), the handlers folder
 /// cannot be read, the sandbox cannot be set up, or the embedded broker cannot start.
 /// A handler file that fails to load is not an error: it is logged and listed in the
 /// catalog's failures, and the others serve.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<RunReport> {
     let namespace = Namespace::new(&config.namespace, &config.device_id).with_context(|| {
         format!(
             "invalid device id {:?} or namespace {:?}",
@@ -56,19 +67,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
     })?;
     let max_in_flight = u32::try_from(config.limits.max_in_flight).unwrap_or(u32::MAX);
-    let sandbox = Sandbox::new(&SandboxConfig {
+    let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         max_instances: max_in_flight.saturating_add(LOAD_INSTANCES),
         max_memory: config
             .handler_defaults
             .max_memory
             .max(config::DEFAULT_MAX_MEMORY),
-    })?;
+        cache_dir: config.cache_dir(),
+    })?);
     let registry = Arc::new(Registry::new());
-    let loads = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || load_all(&sandbox, &config)).await??
+    let loader = Loader {
+        sandbox: Arc::clone(&sandbox),
+        dir: config.handlers.clone(),
+        device_id: config.device_id.clone(),
+        defaults: config.handler_defaults.clone(),
     };
-    registry.install(loads);
+    let loader = {
+        let registry = Arc::clone(&registry);
+        tokio::task::spawn_blocking(move || loader.sync(&registry).map(|()| loader)).await??
+    };
+    if registry.files().is_empty() {
+        tracing::warn!(folder = %config.handlers.display(), "no *.wasm handlers yet; calls answer 404 until some are added");
+    }
+    let _watch = match watcher::watch(loader, Arc::clone(&registry)) {
+        Ok(watch) => Some(watch),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "handlers will not be reloaded while the host runs");
+            None
+        }
+    };
 
     let broker = match &config.broker {
         Some(url) => url.clone(),
@@ -89,32 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         registry,
     );
     session.run(shutdown).await;
-    Ok(())
-}
-
-/// Loads every handler file in the configured folder, logging each outcome.
-fn load_all(
-    sandbox: &Sandbox,
-    config: &Config,
-) -> anyhow::Result<Vec<(String, registry::LoadResult)>> {
-    let files = registry::handler_files(&config.handlers)?;
-    if files.is_empty() {
-        tracing::warn!(folder = %config.handlers.display(), "no *.wasm handlers found; every call will answer 404");
-    }
-    Ok(files
-        .iter()
-        .map(|path| {
-            let file = registry::file_name(path);
-            let load = registry::load_file(sandbox, path, &config.device_id, &config.handler_defaults)
-                .map_err(|e| format!("{e:#}"));
-            match &load {
-                Ok(version) => {
-                    let methods: Vec<&str> = version.code.methods().iter().map(|m| m.name.as_str()).collect();
-                    tracing::info!(handler = %version.label(), ?methods, "handler loaded");
-                }
-                Err(error) => tracing::error!(handler = %file, %error, "handler failed to load; it serves nothing"),
-            }
-            (file, load)
-        })
-        .collect())
+    Ok(RunReport {
+        compilations: sandbox.compilations(),
+    })
 }

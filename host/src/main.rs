@@ -48,6 +48,14 @@ struct Args {
     #[arg(long, env = "EDGE_NAMESPACE", value_name = "TEMPLATE")]
     namespace: Option<String>,
 
+    /// Where compiled handler code is cached [default: ~/.cache/edge-host].
+    #[arg(long, env = "EDGE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile every handler on every start instead of caching compiled code.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+
     /// A TOML config file (see edge-host.example.toml); flags override it.
     #[arg(long, env = "EDGE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -71,6 +79,12 @@ impl Args {
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
+        if let Some(cache_dir) = self.cache_dir {
+            config.cache_dir = Some(cache_dir);
+        }
+        if self.no_cache {
+            config.cache = false;
+        }
         if let Some(namespace) = self.namespace {
             config.namespace = namespace;
         }
@@ -93,7 +107,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = args.into_config().and_then(|config| {
-        tokio::runtime::Runtime::new()?.block_on(edge_host::run(config, shutdown_signal()))
+        tokio::runtime::Runtime::new()?
+            .block_on(edge_host::run(config, shutdown_signal()))
+            .map(|_report| ())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

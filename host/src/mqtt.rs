@@ -91,10 +91,12 @@ impl Session {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Backoff::default();
+        let mut changes = self.registry.subscribe();
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = self.calls.join_next() => {}
+                Ok(()) = changes.changed() => self.publish_catalog(),
                 event = self.eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
@@ -116,21 +118,26 @@ impl Session {
         self.shut_down().await;
     }
 
+    /// Publishes the method catalog, retained: on every connection and every change.
+    fn publish_catalog(&self) {
+        let catalog = serde_json::to_vec(&self.registry.catalog()).unwrap_or_default();
+        if let Err(error) = self.client.try_publish(
+            self.namespace.catalog_topic(),
+            QoS::AtLeastOnce,
+            true,
+            catalog,
+        ) {
+            tracing::error!(%error, "could not queue the method catalog");
+        }
+    }
+
     /// Subscribes to requests and publishes presence and catalog, on every connection.
     fn on_connect(&self) {
         tracing::info!(request_filter = %self.namespace.request_filter(), "connected to the broker");
-        let catalog = serde_json::to_vec(&self.registry.catalog()).unwrap_or_default();
+        self.publish_catalog();
         let queued = self
             .client
             .try_subscribe(self.namespace.request_filter(), QoS::AtMostOnce)
-            .and_then(|()| {
-                self.client.try_publish(
-                    self.namespace.catalog_topic(),
-                    QoS::AtLeastOnce,
-                    true,
-                    catalog,
-                )
-            })
             .and_then(|()| {
                 self.client.try_publish(
                     self.namespace.presence_topic(),

@@ -2,25 +2,24 @@
 //!
 //! The method table is an immutable snapshot behind an `Arc`; a lookup clones the
 //! `Arc` of one version, so a call keeps the version it started on however the table
-//! changes afterwards. Loading (compiling, pre-instantiating) happens before a table is
-//! swapped in, never under the lock.
+//! changes afterwards. A version is compiled and pre-instantiated before it is applied,
+//! never under the lock, and a file that fails to load keeps its last good version
+//! serving. Every change bumps a generation that the MQTT session watches to republish
+//! the catalog.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use anyhow::Context as _;
 use edge_proto::{Catalog, CatalogEntry, CatalogFailure};
-use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
-use crate::config::HandlerSettings;
-use crate::sandbox::{HandlerCode, HandlerContext, Sandbox};
+use crate::sandbox::HandlerCode;
 
 /// One loaded version of one handler file.
 pub struct HandlerVersion {
     /// The file name, such as `echo.wasm`.
     pub file: String,
-    /// The content digest, `sha256:<hex>`.
+    /// The content digest of the `.wasm`, `sha256:<hex>`.
     pub digest: String,
     /// The compiled, pre-instantiated code.
     pub code: HandlerCode,
@@ -32,35 +31,80 @@ impl HandlerVersion {
         let short = self.digest.get(..19).unwrap_or(&self.digest);
         format!("{}@{short}", self.file)
     }
+
+    /// The names of the methods it serves.
+    pub fn method_names(&self) -> Vec<&str> {
+        self.code
+            .methods()
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+}
+
+/// What a handler file was made of when it was last loaded (or failed to load): the
+/// digests of the `.wasm` and of its sidecar. An unchanged fingerprint is not reloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Digest of the `.wasm`.
+    pub wasm: String,
+    /// Digest of the sidecar `NAME.toml`, if there is one.
+    pub sidecar: Option<String>,
+}
+
+/// A change to one handler file.
+pub enum Change {
+    /// A new version compiled and pre-instantiated: serve it (unless its methods clash).
+    Loaded(Fingerprint, HandlerVersion),
+    /// The file as it is now cannot serve: keep the last good version, report why.
+    Failed(Fingerprint, String),
+    /// The file is gone: its methods answer 404 from now on.
+    Removed,
 }
 
 /// The state of one handler file.
-enum Slot {
-    Loaded(Arc<HandlerVersion>),
-    Failed(String),
+#[derive(Clone)]
+struct Slot {
+    /// The version serving, if any: the last one that loaded.
+    serving: Option<Arc<HandlerVersion>>,
+    /// Why the file as it is now does not serve, if it does not.
+    failure: Option<String>,
+    /// What the file was made of at the last attempt.
+    seen: Fingerprint,
 }
 
-/// A snapshot of what serves: per file, its loaded version or why it failed; per
-/// method, the version that serves it.
+/// A snapshot of what serves.
 #[derive(Default)]
 struct Table {
     files: BTreeMap<String, Slot>,
+    /// Derived from `files`: the version serving each method.
     methods: HashMap<String, Arc<HandlerVersion>>,
+}
+
+impl Table {
+    fn from_files(files: BTreeMap<String, Slot>) -> Self {
+        let mut methods = HashMap::new();
+        for version in files.values().filter_map(|slot| slot.serving.as_ref()) {
+            for name in version.method_names() {
+                methods.insert(name.to_owned(), Arc::clone(version));
+            }
+        }
+        Self { files, methods }
+    }
 }
 
 /// The handlers the host serves.
 pub struct Registry {
     table: RwLock<Arc<Table>>,
+    generation: watch::Sender<u64>,
 }
-
-/// What loading a file gives: its version, or why not.
-pub type LoadResult = Result<HandlerVersion, String>;
 
 impl Registry {
     /// An empty registry: every method answers 404.
     pub fn new() -> Self {
         Self {
             table: RwLock::new(Arc::new(Table::default())),
+            generation: watch::Sender::new(0),
         }
     }
 
@@ -75,29 +119,76 @@ impl Registry {
         Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Installs the outcome of loading each file, in file-name order. A file whose
-    /// methods another file already serves fails as a whole and changes nothing.
-    pub fn install(&self, loads: Vec<(String, LoadResult)>) {
-        let mut table = Table::default();
-        for (file, load) in loads {
-            let slot = match load {
-                Ok(version) => match claim(&table.methods, &version) {
-                    Ok(()) => {
-                        let version = Arc::new(version);
-                        for method in version.code.methods() {
-                            table
-                                .methods
-                                .insert(method.name.clone(), Arc::clone(&version));
-                        }
-                        Slot::Loaded(version)
+    /// What `file` was made of at its last load attempt, if it is known.
+    pub fn fingerprint(&self, file: &str) -> Option<Fingerprint> {
+        self.snapshot()
+            .files
+            .get(file)
+            .map(|slot| slot.seen.clone())
+    }
+
+    /// The handler files known, serving or failed.
+    pub fn files(&self) -> Vec<String> {
+        self.snapshot().files.keys().cloned().collect()
+    }
+
+    /// Applies a change to `file` in one atomic swap. A new version whose methods
+    /// another file already serves is refused: the file keeps its last good version
+    /// and reports the clash.
+    ///
+    /// # Errors
+    /// Why a loaded version was refused (a method clash).
+    pub fn apply(&self, file: &str, change: Change) -> Result<(), String> {
+        let mut refused = None;
+        {
+            let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut files = guard.files.clone();
+            let serving = files.get(file).and_then(|slot| slot.serving.clone());
+            match change {
+                Change::Loaded(seen, version) => match clash(&guard.methods, file, &version) {
+                    None => {
+                        let slot = Slot {
+                            serving: Some(Arc::new(version)),
+                            failure: None,
+                            seen,
+                        };
+                        files.insert(file.to_owned(), slot);
                     }
-                    Err(why) => Slot::Failed(why),
+                    Some(why) => {
+                        files.insert(
+                            file.to_owned(),
+                            Slot {
+                                serving,
+                                failure: Some(why.clone()),
+                                seen,
+                            },
+                        );
+                        refused = Some(why);
+                    }
                 },
-                Err(why) => Slot::Failed(why),
-            };
-            table.files.insert(file, slot);
+                Change::Failed(seen, why) => {
+                    files.insert(
+                        file.to_owned(),
+                        Slot {
+                            serving,
+                            failure: Some(why),
+                            seen,
+                        },
+                    );
+                }
+                Change::Removed => {
+                    files.remove(file);
+                }
+            }
+            *guard = Arc::new(Table::from_files(files));
         }
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.generation.send_modify(|generation| *generation += 1);
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// A receiver that sees every change, for republishing the catalog.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The method catalog, as published on `NS$edge/methods`.
@@ -105,21 +196,21 @@ impl Registry {
         let table = self.snapshot();
         let mut catalog = Catalog::default();
         for (file, slot) in &table.files {
-            match slot {
-                Slot::Loaded(version) => {
-                    catalog
-                        .methods
-                        .extend(version.code.methods().iter().map(|m| CatalogEntry {
-                            name: m.name.clone(),
-                            description: m.description.clone(),
-                            handler: file.clone(),
-                            digest: version.digest.clone(),
-                        }));
-                }
-                Slot::Failed(why) => catalog.failures.push(CatalogFailure {
+            if let Some(version) = &slot.serving {
+                catalog
+                    .methods
+                    .extend(version.code.methods().iter().map(|m| CatalogEntry {
+                        name: m.name.clone(),
+                        description: m.description.clone(),
+                        handler: file.clone(),
+                        digest: version.digest.clone(),
+                    }));
+            }
+            if let Some(why) = &slot.failure {
+                catalog.failures.push(CatalogFailure {
                     handler: file.clone(),
                     error: why.clone(),
-                }),
+                });
             }
         }
         catalog.methods.sort_by(|a, b| a.name.cmp(&b.name));
@@ -133,66 +224,14 @@ impl Default for Registry {
     }
 }
 
-/// Checks that none of `version`'s methods is served already.
-fn claim(
+/// Why `version` of `file` cannot serve: one of its methods is served by another file.
+fn clash(
     methods: &HashMap<String, Arc<HandlerVersion>>,
+    file: &str,
     version: &HandlerVersion,
-) -> Result<(), String> {
-    for method in version.code.methods() {
-        if let Some(owner) = methods.get(&method.name) {
-            return Err(format!(
-                "method '{}' is already served by {}",
-                method.name, owner.file
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The `*.wasm` files directly in `dir`, sorted by name.
-///
-/// # Errors
-/// When the folder cannot be read.
-pub fn handler_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the handlers folder {}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Loads one handler file and its sidecar `NAME.toml`, if any.
-///
-/// # Errors
-/// When the file or sidecar cannot be read or parsed, or the component fails to load;
-/// the message says which and why.
-pub fn load_file(
-    sandbox: &Sandbox,
-    path: &Path,
-    device_id: &str,
-    defaults: &HandlerSettings,
-) -> anyhow::Result<HandlerVersion> {
-    let file = file_name(path);
-    let wasm = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let settings = HandlerSettings::load_sidecar(&path.with_extension("toml"), defaults)?;
-    let digest = format!("sha256:{:x}", Sha256::digest(&wasm));
-    let context = HandlerContext {
-        file: file.clone(),
-        device_id: device_id.to_owned(),
-        config: settings.config.clone(),
-        max_memory: settings.max_memory,
-    };
-    let code = sandbox.load(&wasm, context)?;
-    Ok(HandlerVersion { file, digest, code })
-}
-
-/// A path's file name as text, for logs and the catalog.
-pub fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+) -> Option<String> {
+    version.method_names().into_iter().find_map(|name| {
+        let owner = methods.get(name)?;
+        (owner.file != file).then(|| format!("method '{name}' is already served by {}", owner.file))
+    })
 }

@@ -7,7 +7,9 @@
 //! What the handler prints is captured and logged, tagged with the method and request.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -16,6 +18,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::cache::CompileCache;
 use crate::dispatch::CallError;
 
 /// The bindings of the handler world, generated once; only what the host uses leaves.
@@ -46,12 +49,16 @@ pub struct SandboxConfig {
     pub max_instances: u32,
     /// The largest linear memory any handler may be granted, in bytes.
     pub max_memory: usize,
+    /// Where compiled code is cached; none compiles every load.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The engine and linker every handler version is compiled and linked with.
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<CallState>,
+    cache: Option<CompileCache>,
+    compilations: AtomicU64,
 }
 
 impl Sandbox {
@@ -83,18 +90,57 @@ impl Sandbox {
             .context("linking the host interface")?;
 
         start_epoch_ticker(&engine);
-        Ok(Self { engine, linker })
+        let cache = config
+            .cache_dir
+            .clone()
+            .map(|dir| CompileCache::new(dir, &engine));
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            compilations: AtomicU64::new(0),
+        })
     }
 
-    /// Compiles a handler component, pre-instantiates it against the linker, and asks
-    /// it once which methods it serves.
+    /// How many components this sandbox has compiled (rather than taken from the
+    /// compiled-code cache).
+    pub fn compilations(&self) -> u64 {
+        self.compilations.load(Ordering::Relaxed)
+    }
+
+    /// The component of `wasm` (whose digest is `digest`): from the cache when a sound
+    /// entry is there, else compiled, and cached for next time.
+    fn component(&self, wasm: &[u8], digest: &str) -> wasmtime::Result<Component> {
+        if let Some(component) = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.get(&self.engine, digest))
+        {
+            tracing::debug!(%digest, "compiled code taken from the cache");
+            return Ok(component);
+        }
+        let component = Component::new(&self.engine, wasm).context("not a valid component")?;
+        self.compilations.fetch_add(1, Ordering::Relaxed);
+        if let Some(cache) = &self.cache {
+            cache.put(digest, &component);
+        }
+        Ok(component)
+    }
+
+    /// Compiles a handler component (or takes it from the cache by `digest`),
+    /// pre-instantiates it against the linker, and asks it once which methods it serves.
     ///
     /// # Errors
     /// When the bytes are not a component, the component imports something the host
     /// does not give, does not export the `edge:methods/handler` interface, traps while
     /// listing its methods, or lists an invalid or duplicate method name.
-    pub fn load(&self, wasm: &[u8], context: HandlerContext) -> wasmtime::Result<HandlerCode> {
-        let component = Component::new(&self.engine, wasm).context("not a valid component")?;
+    pub fn load(
+        &self,
+        wasm: &[u8],
+        digest: &str,
+        context: HandlerContext,
+    ) -> wasmtime::Result<HandlerCode> {
+        let component = self.component(wasm, digest)?;
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -314,6 +314,13 @@ impl Caller {
         if takes_calls(&presence.borrow_and_update()) {
             return Ok(());
         }
+        // The offline state may be stale: a device that just came back has published
+        // `online`, and the broker may have sent it without it being routed yet. A sync
+        // routes everything sent before it, so "offline" after it is the broker's word.
+        self.sync().await?;
+        if takes_calls(&presence.borrow_and_update()) {
+            return Ok(());
+        }
         let not_online = || CallError::NotOnline {
             device: request.device.clone(),
         };

@@ -192,7 +192,7 @@ fn mosquitto_binary() -> anyhow::Result<PathBuf> {
 /// An edge-host running in this process, stopped through its injected shutdown.
 pub struct TestHost {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<edge_host::RunReport>>,
     /// The device id it serves.
     pub device_id: String,
     /// The broker it is connected to.
@@ -205,6 +205,8 @@ pub fn host_config(device_id: &str, handlers: &Path, broker: BrokerUrl) -> edge_
         device_id: device_id.to_owned(),
         handlers: handlers.to_owned(),
         broker: Some(broker),
+        // Tests compile afresh unless they test the cache, with a folder of their own.
+        cache: false,
         ..edge_host::Config::default()
     }
 }
@@ -242,11 +244,11 @@ impl TestHost {
         Ok(host)
     }
 
-    /// Shuts the host down cleanly and waits until it has.
+    /// Shuts the host down cleanly, waits until it has, and returns its report.
     ///
     /// # Errors
     /// When the host ended with an error.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<edge_host::RunReport> {
         if let Some(tx) = self.shutdown.take() {
             tx.send(()).ok();
         }
@@ -254,7 +256,7 @@ impl TestHost {
     }
 }
 
-async fn wait_task(task: &tokio::task::JoinHandle<anyhow::Result<()>>) -> &'static str {
+async fn wait_task<T>(task: &tokio::task::JoinHandle<T>) -> &'static str {
     while !task.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

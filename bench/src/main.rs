@@ -1,0 +1,33 @@
+//! `edge-bench`: the project's benchmarks, run by hand (never part of the tests'
+//! pass/fail), each printing its figures beside what they are compared to.
+//!
+//! - [`reload`]: hot swap under steady load: rename → first call served by the new
+//!   version, and failed calls.
+//!
+//! Run in release: `cargo run --release -p edge-bench -- <benchmark>`.
+
+mod reload;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks of edge-methods. Run with `cargo run --release -p edge-bench -- ...`.
+#[derive(Debug, Parser)]
+#[command(name = "edge-bench")]
+struct Args {
+    #[command(subcommand)]
+    benchmark: Benchmark,
+}
+
+#[derive(Debug, Subcommand)]
+enum Benchmark {
+    /// Hot reload under load: swaps a handler by atomic rename, again and again.
+    Reload(reload::Options),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().benchmark {
+        Benchmark::Reload(options) => reload::run(options).await,
+    }
+}

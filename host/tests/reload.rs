@@ -1,0 +1,378 @@
+//! Hot swap: handlers deployed by dropping files into the folder while the host runs,
+//! through a real Mosquitto, with real components built from testkit's fixtures.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use edge_invoker::{CallRequest, Caller, ConnectOptions};
+use edge_proto::{Catalog, Namespace};
+use serde_json::{Value, json};
+use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, guest, host_config};
+
+const DEVICE: &str = "reload-device";
+/// Generous: a reload takes a debounce and a compile, far less than this.
+const SETTLE: Duration = Duration::from_secs(20);
+
+struct Setup {
+    broker: Mosquitto,
+    handlers: HandlerDir,
+    host: TestHost,
+    caller: Caller,
+}
+
+/// A host serving `version-a` as `version.wasm` (plus `files`), and a caller.
+async fn setup(files: &[&str]) -> Setup {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(files).expect("handlers");
+    std::fs::copy(guest("version-a"), handlers.path().join("version.wasm")).expect("copy");
+    let host = TestHost::start(host_config(DEVICE, handlers.path(), broker.url()))
+        .await
+        .expect("host starts");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller connects");
+    Setup {
+        broker,
+        handlers,
+        host,
+        caller,
+    }
+}
+
+/// Calls `method` and returns the status and the payload.
+async fn call(caller: &Caller, method: &str, payload: &str) -> (u16, Value) {
+    let response = caller
+        .call(&CallRequest::new(DEVICE, method, payload))
+        .await
+        .unwrap_or_else(|e| panic!("call of {method} failed: {e}"));
+    (response.status, response.payload.to_value())
+}
+
+/// Which version answers `version` now: "a", "b", or the whole answer when neither.
+async fn version(caller: &Caller) -> String {
+    match call(caller, "version", "null").await {
+        (200, body) => body["version"].as_str().unwrap_or("?").to_owned(),
+        (status, body) => format!("{status} {body}"),
+    }
+}
+
+/// Calls until `check` holds for an answer, or panics after [`SETTLE`].
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < SETTLE, "not within {SETTLE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Puts `package`'s component at `to` the way deployment tools do: written under a
+/// hidden temporary name, then renamed into place in one step.
+fn deploy_atomically(package_or_bytes: Result<&str, &[u8]>, to: &Path) {
+    let tmp = to.with_file_name(format!(
+        ".{}.tmp",
+        to.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
+    match package_or_bytes {
+        Ok(package) => std::fs::copy(guest(package), &tmp).map(|_| ()),
+        Err(bytes) => std::fs::write(&tmp, bytes),
+    }
+    .expect("write temporary file");
+    std::fs::rename(&tmp, to).expect("rename into place");
+}
+
+/// The latest retained catalog.
+async fn catalog(broker: &Mosquitto) -> Catalog {
+    let topic = Namespace::for_device(DEVICE)
+        .expect("valid")
+        .catalog_topic();
+    let mut watcher = RawClient::connect(&broker.url(), std::slice::from_ref(&topic))
+        .await
+        .expect("watcher");
+    let (_, body) = watcher
+        .next_where(Duration::from_secs(5), |_| true)
+        .await
+        .expect("retained catalog");
+    serde_json::from_slice(&body).expect("catalog document")
+}
+
+#[tokio::test]
+async fn an_atomic_rename_under_load_swaps_versions_without_a_failed_call() {
+    let s = setup(&[]).await;
+    assert_eq!(version(&s.caller).await, "a");
+
+    // Four callers keep calls in flight for the whole swap; each records when it sent
+    // a call and what answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        let (caller, stop) = (s.caller.clone(), Arc::clone(&stop));
+        loads.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let sent = started.elapsed();
+                let answer = version(&caller).await;
+                seen.push((sent, started.elapsed(), answer));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    deploy_atomically(Ok("version-b"), &s.handlers.path().join("version.wasm"));
+    until("version b serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    // Keep the load on a little after the swap.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut calls = Vec::new();
+    for load in loads {
+        calls.extend(load.await.expect("load task"));
+    }
+    assert!(
+        calls.len() > 20,
+        "too few calls to say anything: {}",
+        calls.len()
+    );
+    for (_, _, answer) in &calls {
+        assert!(
+            answer == "a" || answer == "b",
+            "a call failed during the swap: {answer}"
+        );
+    }
+    let first_b = calls
+        .iter()
+        .filter(|(_, _, answer)| answer == "b")
+        .map(|(_, received, _)| *received)
+        .min()
+        .expect("version b answered");
+    for (sent, _, answer) in &calls {
+        if *sent > first_b {
+            assert_eq!(
+                answer, "b",
+                "a call sent after the swap was served by the old version"
+            );
+        }
+    }
+    assert!(
+        calls.iter().any(|(_, _, answer)| answer == "a"),
+        "the old version served before the swap"
+    );
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_file_written_in_pieces_is_never_served_half() {
+    let s = setup(&[]).await;
+    let bytes = std::fs::read(guest("version-b")).expect("built guest");
+    let path = s.handlers.path().join("version.wasm");
+    let file = std::fs::File::create(&path).expect("truncate in place");
+    drop(file);
+    // Four pieces, each after the debounce has long passed, so the host sees (and
+    // must refuse) every partial file; calls go on throughout.
+    let quarter = bytes.len() / 4 + 1;
+    for piece in bytes.chunks(quarter) {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        std::io::Write::write_all(&mut file, piece).expect("write piece");
+        drop(file);
+        let deadline = Instant::now() + Duration::from_millis(400);
+        while Instant::now() < deadline {
+            let answer = version(&s.caller).await;
+            assert!(
+                answer == "a" || answer == "b",
+                "a half-written file was served: {answer}"
+            );
+        }
+    }
+    until("the complete file serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    let catalog = catalog(&s.broker).await;
+    assert!(
+        catalog.failures.is_empty(),
+        "the complete file clears the failure: {:?}",
+        catalog.failures
+    );
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_broken_file_keeps_the_last_good_version_until_a_good_one_comes() {
+    let s = setup(&[]).await;
+    let path = s.handlers.path().join("version.wasm");
+    let good = std::fs::read(guest("version-b")).expect("built guest");
+    deploy_atomically(Err(&good[..good.len() / 2]), &path);
+    let started = Instant::now();
+    let failure = loop {
+        let catalog = catalog(&s.broker).await;
+        if let Some(failure) = catalog
+            .failures
+            .iter()
+            .find(|f| f.handler == "version.wasm")
+        {
+            assert!(
+                catalog.methods.iter().any(|m| m.name == "version"),
+                "the old version is still listed"
+            );
+            break failure.error.clone();
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "the broken file was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(failure.contains("not a valid component"), "{failure}");
+    assert_eq!(
+        version(&s.caller).await,
+        "a",
+        "the last good version serves"
+    );
+
+    deploy_atomically(Ok("version-b"), &path);
+    until("the good file serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn deleting_a_file_unregisters_its_methods_and_adding_it_back_serves_again() {
+    let s = setup(&["echo"]).await;
+    let path = s.handlers.path().join("version.wasm");
+    std::fs::remove_file(&path).expect("delete");
+    until("version answers 404", || async {
+        call(&s.caller, "version", "null").await.0 == 404
+    })
+    .await;
+    assert_eq!(
+        call(&s.caller, "echo", "7").await,
+        (200, json!(7)),
+        "other handlers are untouched"
+    );
+    let catalog = catalog(&s.broker).await;
+    assert!(
+        !catalog.methods.iter().any(|m| m.name == "version"),
+        "{catalog:?}"
+    );
+
+    deploy_atomically(Ok("version-a"), &path);
+    until("version serves again", || async {
+        version(&s.caller).await == "a"
+    })
+    .await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_second_file_claiming_a_served_method_is_refused() {
+    let s = setup(&[]).await;
+    deploy_atomically(Ok("version-b"), &s.handlers.path().join("impostor.wasm"));
+    let started = Instant::now();
+    loop {
+        let catalog = catalog(&s.broker).await;
+        if let Some(failure) = catalog
+            .failures
+            .iter()
+            .find(|f| f.handler == "impostor.wasm")
+        {
+            assert!(
+                failure.error.contains("already served by version.wasm"),
+                "{failure:?}"
+            );
+            break;
+        }
+        assert!(started.elapsed() < SETTLE, "the clash was never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(version(&s.caller).await, "a");
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_changed_sidecar_reloads_the_handler_with_its_new_config() {
+    let s = setup(&["device-info"]).await;
+    let model =
+        |caller: Caller| async move { call(&caller, "getInfo", "null").await.1["model"].clone() };
+    assert_eq!(model(s.caller.clone()).await, json!("unknown"));
+    std::fs::write(
+        s.handlers.path().join("device-info.toml"),
+        "[config]\nmodel = \"x-100\"\n",
+    )
+    .expect("sidecar");
+    until("the new config serves", || async {
+        model(s.caller.clone()).await == json!("x-100")
+    })
+    .await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_restart_with_a_warm_cache_compiles_nothing_and_a_corrupt_entry_is_rebuilt() {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["echo", "device-method", "device-info"]).expect("handlers");
+    let cache = tempfile::tempdir().expect("cache folder");
+    let config = || {
+        let mut config = host_config(DEVICE, handlers.path(), broker.url());
+        config.cache = true;
+        config.cache_dir = Some(cache.path().to_owned());
+        config
+    };
+    let cold = TestHost::start(config())
+        .await
+        .expect("cold start")
+        .stop()
+        .await
+        .expect("stop");
+    assert_eq!(cold.compilations, 3, "a cold cache compiles every handler");
+
+    let warm = TestHost::start(config()).await.expect("warm start");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+    assert_eq!(
+        call(&caller, "echo", "[1]").await,
+        (200, json!([1])),
+        "cached code serves"
+    );
+    let warm = warm.stop().await.expect("stop");
+    assert_eq!(warm.compilations, 0, "a warm cache compiles nothing");
+
+    // Flip one byte of one entry: it must be refused and rebuilt, never run.
+    let entry = std::fs::read_dir(cache.path())
+        .expect("cache folder")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("a cache entry");
+    let mut bytes = std::fs::read(&entry).expect("read entry");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entry, &bytes).expect("corrupt entry");
+    let host = TestHost::start(config())
+        .await
+        .expect("start with a corrupt entry");
+    for method in ["echo", "DeviceMethod", "getInfo"] {
+        assert_eq!(
+            call(&caller, method, "null").await.0,
+            200,
+            "{method} serves"
+        );
+    }
+    let report = host.stop().await.expect("stop");
+    assert_eq!(
+        report.compilations, 1,
+        "only the corrupt entry is compiled again"
+    );
+}
