@@ -16,6 +16,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("version-a", "testkit/fixtures/version-a"),
     ("version-b", "testkit/fixtures/version-b"),
     ("wrong-world", "testkit/fixtures/wrong-world"),
+    ("probe", "testkit/fixtures/probe"),
 ];
 
 fn main() {
@@ -67,7 +68,7 @@ fn main() {
         .expect("cannot run cargo to build the guests");
     assert!(
         status.success(),
-        "building the guest components failed (is the wasm32-wasip2 target installed? \
+        "building the guest components failed (see the compiler output above; is the wasm32-wasip2 target installed? \
          `rustup target add wasm32-wasip2`)"
     );
     let out = target_dir.join("wasm32-wasip2").join("guest");

@@ -75,11 +75,15 @@ impl Config {
         })
     }
 
+    /// The longest a call may run when a handler's sidecar does not say.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.call_timeout_ms)
+    }
+
     /// The dispatch limits these settings give.
     pub fn dispatch_limits(&self) -> DispatchLimits {
         DispatchLimits {
             max_payload: self.limits.max_payload,
-            call_timeout: Duration::from_millis(self.limits.call_timeout_ms),
             max_in_flight: self.limits.max_in_flight,
         }
     }
@@ -119,8 +123,15 @@ impl Default for Limits {
 pub struct HandlerSettings {
     /// The cap on one instance's linear memory, in bytes.
     pub max_memory: usize,
+    /// The longest one call may run, in milliseconds; unset takes the host's
+    /// `limits.call_timeout_ms`. A caller's shorter timeout shortens it further.
+    pub timeout_ms: Option<u64>,
+    /// Calls of this handler that may run at once; unset, only the host's bound holds.
+    pub max_in_flight: Option<usize>,
     /// Values the handler reads with `config-get`.
     pub config: BTreeMap<String, String>,
+    /// What WASI gives the handler; nothing by default.
+    pub grants: Grants,
 }
 
 /// The default linear-memory cap of one instance: 64 MiB.
@@ -130,7 +141,10 @@ impl Default for HandlerSettings {
     fn default() -> Self {
         Self {
             max_memory: DEFAULT_MAX_MEMORY,
+            timeout_ms: None,
+            max_in_flight: None,
             config: BTreeMap::new(),
+            grants: Grants::default(),
         }
     }
 }
@@ -144,9 +158,15 @@ impl HandlerSettings {
         let sidecar: Sidecar = toml::from_str(text)?;
         let mut config = defaults.config.clone();
         config.extend(sidecar.config);
+        if sidecar.max_in_flight == Some(0) {
+            anyhow::bail!("max_in_flight must be at least 1");
+        }
         Ok(Self {
             max_memory: sidecar.max_memory.unwrap_or(defaults.max_memory),
+            timeout_ms: sidecar.timeout_ms.or(defaults.timeout_ms),
+            max_in_flight: sidecar.max_in_flight.or(defaults.max_in_flight),
             config,
+            grants: sidecar.grants.unwrap_or_else(|| defaults.grants.clone()),
         })
     }
 }
@@ -156,8 +176,78 @@ impl HandlerSettings {
 #[serde(deny_unknown_fields)]
 struct Sidecar {
     max_memory: Option<usize>,
+    timeout_ms: Option<u64>,
+    max_in_flight: Option<usize>,
     #[serde(default)]
     config: BTreeMap<String, String>,
+    grants: Option<Grants>,
+}
+
+/// What WASI gives a handler beyond nothing: environment values and folders. Network
+/// access and inherited stdio are never granted; stdout and stderr go to the host log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grants {
+    /// Environment variables the handler sees, by name and value.
+    pub env: BTreeMap<String, String>,
+    /// Host folders the handler may open, each under a path of its own.
+    pub dirs: Vec<DirGrant>,
+}
+
+/// One host folder granted to a handler.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// The folder on the host.
+    pub host: PathBuf,
+    /// Where the handler sees it, such as `/data`.
+    pub guest: String,
+    /// Whether the handler may write there; read-only unless set.
+    #[serde(default)]
+    pub writable: bool,
+}
+
+impl Grants {
+    /// Checks that every granted folder exists and is a folder.
+    ///
+    /// # Errors
+    /// Names the first folder that is not there.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for dir in &self.dirs {
+            if !dir.host.is_dir() {
+                anyhow::bail!(
+                    "granted folder {} is not a folder on this host",
+                    dir.host.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the grants to one call's WASI context.
+    ///
+    /// # Errors
+    /// When a granted folder cannot be opened (it was removed since the handler loaded).
+    pub fn apply(&self, wasi: &mut wasmtime_wasi::WasiCtxBuilder) -> anyhow::Result<()> {
+        for (name, value) in &self.env {
+            wasi.env(name, value);
+        }
+        for dir in &self.dirs {
+            let perms = if dir.writable {
+                wasmtime_wasi::FsPerms::ReadWrite
+            } else {
+                wasmtime_wasi::FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(&dir.host, &dir.guest, perms)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "granted folder {} cannot be opened: {e}",
+                        dir.host.display()
+                    )
+                })?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

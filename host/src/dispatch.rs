@@ -29,9 +29,14 @@ pub enum CallError {
     /// No loaded handler serves the method.
     #[error("no handler serves method '{0}'")]
     MethodNotFound(String),
-    /// The bound on calls in flight is reached.
-    #[error("too many calls in flight (limit {0}); try again later")]
-    TooManyCalls(usize),
+    /// A bound on calls in flight is reached: the host's, or the handler's own.
+    #[error("too many calls in flight ({scope} limit {limit}); try again later")]
+    TooManyCalls {
+        /// Whose bound: `host`, or the handler file.
+        scope: String,
+        /// The bound.
+        limit: usize,
+    },
     /// The handler ran past its deadline.
     #[error("the handler ran past its deadline of {} ms", .0.as_millis())]
     Deadline(Duration),
@@ -57,7 +62,7 @@ impl CallError {
             Self::InvalidPayload(_) => ErrorCode::InvalidJson,
             Self::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             Self::MethodNotFound(_) => ErrorCode::MethodNotFound,
-            Self::TooManyCalls(_) => ErrorCode::TooManyCalls,
+            Self::TooManyCalls { .. } => ErrorCode::TooManyCalls,
             Self::Deadline(_) => ErrorCode::DeadlineExceeded,
             Self::MemoryExhausted { .. } | Self::Trapped(_) => ErrorCode::HandlerFailed,
             Self::InvalidResponse(_) => ErrorCode::InvalidResponse,
@@ -92,11 +97,15 @@ pub struct Answer {
 pub struct DispatchLimits {
     /// The largest request and response payload, in bytes.
     pub max_payload: usize,
-    /// How long one call may run.
-    pub call_timeout: Duration,
     /// Calls that may run at once; past it, 503.
     pub max_in_flight: usize,
 }
+
+/// How long past a call's deadline the host waits for the handler's thread before it
+/// answers 504 anyway. Epoch interruption ends running wasm well within it; the wait
+/// covers a handler blocked in a host call (a WASI sleep), whose thread is then left
+/// to finish on its own while the caller already has its answer.
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// Runs calls against the handlers in the registry.
 pub struct Dispatcher {
@@ -118,9 +127,17 @@ impl Dispatcher {
     }
 
     /// Serves one call and returns the answer to publish, whatever happened.
-    pub async fn dispatch(&self, method: &str, request_id: &str, payload: &[u8]) -> Answer {
+    /// `caller_timeout` is how long the caller waits, when it said: the handler is ended
+    /// in time to answer before then.
+    pub async fn dispatch(
+        &self,
+        method: &str,
+        request_id: &str,
+        caller_timeout: Option<Duration>,
+        payload: &[u8],
+    ) -> Answer {
         let started = Instant::now();
-        let outcome = self.run(method, request_id, payload).await;
+        let outcome = self.run(method, request_id, caller_timeout, payload).await;
         let answered = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
         let elapsed_us = started.elapsed().as_micros();
         let shown = String::from_utf8_lossy(&payload[..payload.len().min(256)]);
@@ -148,6 +165,7 @@ impl Dispatcher {
         &self,
         method: &str,
         request_id: &str,
+        caller_timeout: Option<Duration>,
         payload: &[u8],
     ) -> Result<(Answer, String), CallError> {
         let payload = json_payload(payload, self.limits.max_payload).map_err(|e| match e {
@@ -158,10 +176,22 @@ impl Dispatcher {
             .registry
             .lookup(method)
             .ok_or_else(|| CallError::MethodNotFound(method.to_owned()))?;
-        let permit = Arc::clone(&self.in_flight)
+        let host_permit = Arc::clone(&self.in_flight)
             .try_acquire_owned()
-            .map_err(|_| CallError::TooManyCalls(self.limits.max_in_flight))?;
-        let deadline = self.limits.call_timeout;
+            .map_err(|_| CallError::TooManyCalls {
+                scope: "host".to_owned(),
+                limit: self.limits.max_in_flight,
+            })?;
+        let handler_permit = match &version.in_flight {
+            Some(bound) => Some(Arc::clone(bound).try_acquire_owned().map_err(|_| {
+                CallError::TooManyCalls {
+                    scope: version.file.clone(),
+                    limit: version.max_in_flight.unwrap_or_default(),
+                }
+            })?),
+            None => None,
+        };
+        let deadline = caller_timeout.map_or(version.timeout, |t| t.min(version.timeout));
         let request = Request {
             method: method.to_owned(),
             payload: payload.to_owned(),
@@ -169,12 +199,16 @@ impl Dispatcher {
             time_left_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
         };
         let label = version.label();
-        let response = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        let call = tokio::task::spawn_blocking(move || {
+            // Held until the handler's thread is really done, even if the caller was
+            // answered 504 before: the bounds count threads, not answers.
+            let _permits = (host_permit, handler_permit);
             version.code.call(&request, deadline)
-        })
-        .await
-        .map_err(|e| CallError::Trapped(format!("the call's thread failed: {e}")))??;
+        });
+        let response = tokio::time::timeout(deadline + DEADLINE_GRACE, call)
+            .await
+            .map_err(|_| CallError::Deadline(deadline))?
+            .map_err(|e| CallError::Trapped(format!("the call's thread failed: {e}")))??;
         json_payload(response.payload.as_bytes(), self.limits.max_payload)
             .map_err(CallError::InvalidResponse)?;
         let payload = if response.payload.is_empty() {

@@ -21,6 +21,7 @@ pub mod cache;
 pub mod config;
 pub mod dispatch;
 pub mod mqtt;
+pub mod output;
 pub mod registry;
 pub mod sandbox;
 pub mod watcher;
@@ -81,6 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         dir: config.handlers.clone(),
         device_id: config.device_id.clone(),
         defaults: config.handler_defaults.clone(),
+        call_timeout: config.call_timeout(),
     };
     let loader = {
         let registry = Arc::clone(&registry);

@@ -14,7 +14,7 @@ use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::task::JoinSet;
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{CallError, Dispatcher};
 use crate::registry::Registry;
 
 /// The largest MQTT packet taken or sent: a 128 KiB payload and its topic fit with room
@@ -153,32 +153,34 @@ impl Session {
 
     /// Starts serving one request, or logs why it cannot be answered.
     fn on_publish(&mut self, publish: rumqttc::Publish) {
-        let request = match self.namespace.parse_request(&publish.topic) {
+        let (request_id, call) = match self.namespace.parse_request(&publish.topic) {
             Ok(request) => (
-                request.method.to_owned(),
                 request.request_id.to_owned(),
-                None,
+                Ok((request.method.to_owned(), request.timeout)),
             ),
             Err(error) => match error.request_id() {
-                Some(request_id) => (String::new(), request_id.to_owned(), Some(error)),
+                Some(request_id) => (request_id.to_owned(), Err(error)),
                 None => {
                     tracing::warn!(topic = %publish.topic, %error, "ignored a request that cannot be answered");
                     return;
                 }
             },
         };
-        let (method, request_id, topic_error) = request;
         let dispatcher = Arc::clone(&self.dispatcher);
         let namespace = Arc::clone(&self.namespace);
         let client = self.client.clone();
         self.calls.spawn(async move {
-            let answer = match topic_error {
-                Some(error) => {
-                    let answer = crate::dispatch::CallError::InvalidMethod(error.to_string()).answer();
+            let answer = match call {
+                Ok((method, timeout)) => {
+                    dispatcher
+                        .dispatch(&method, &request_id, timeout, &publish.payload)
+                        .await
+                }
+                Err(error) => {
+                    let answer = CallError::InvalidMethod(error.to_string()).answer();
                     tracing::warn!(rid = %request_id, %error, status = answer.status, "refused a request");
                     answer
                 }
-                None => dispatcher.dispatch(&method, &request_id, &publish.payload).await,
             };
             let topic = namespace.response_topic(answer.status, &request_id);
             if let Err(error) = client

@@ -9,9 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use edge_proto::{Catalog, CatalogEntry, CatalogFailure};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::sandbox::HandlerCode;
 
@@ -23,6 +24,12 @@ pub struct HandlerVersion {
     pub digest: String,
     /// The compiled, pre-instantiated code.
     pub code: HandlerCode,
+    /// The longest one call may run (before a caller's shorter timeout).
+    pub timeout: Duration,
+    /// The handler's own bound on calls in flight, when it has one.
+    pub in_flight: Option<Arc<Semaphore>>,
+    /// That bound's size, for error messages.
+    pub max_in_flight: Option<usize>,
 }
 
 impl HandlerVersion {

@@ -15,11 +15,12 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::error::Context as _;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::CompileCache;
+use crate::config::Grants;
 use crate::dispatch::CallError;
+use crate::output::LogStream;
 
 /// The bindings of the handler world, generated once; only what the host uses leaves.
 mod bindings {
@@ -39,9 +40,6 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// How long a handler may take to list its methods when it is loaded.
 const LOAD_DEADLINE: Duration = Duration::from_secs(2);
 
-/// How much a handler may print in one call before further writes fail.
-const OUTPUT_CAPACITY: usize = 64 * 1024;
-
 /// Host-wide sandbox settings.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -59,6 +57,8 @@ pub struct Sandbox {
     linker: Linker<CallState>,
     cache: Option<CompileCache>,
     compilations: AtomicU64,
+    /// The largest linear memory the pool can give one instance.
+    max_memory: usize,
 }
 
 impl Sandbox {
@@ -99,6 +99,7 @@ impl Sandbox {
             linker,
             cache,
             compilations: AtomicU64::new(0),
+            max_memory: config.max_memory,
         })
     }
 
@@ -131,15 +132,27 @@ impl Sandbox {
     /// pre-instantiates it against the linker, and asks it once which methods it serves.
     ///
     /// # Errors
-    /// When the bytes are not a component, the component imports something the host
-    /// does not give, does not export the `edge:methods/handler` interface, traps while
-    /// listing its methods, or lists an invalid or duplicate method name.
+    /// When the handler asks for more memory than the host allows, a granted folder
+    /// cannot be opened, the bytes are not a component, the component imports
+    /// something the host does not give, does not export the `edge:methods/handler`
+    /// interface, traps while listing its methods, or lists an invalid or duplicate
+    /// method name.
     pub fn load(
         &self,
         wasm: &[u8],
         digest: &str,
         context: HandlerContext,
     ) -> wasmtime::Result<HandlerCode> {
+        if context.max_memory > self.max_memory {
+            wasmtime::bail!(
+                "max_memory {} MiB is over the host's limit of {} MiB (handler_defaults.max_memory in the host's config)",
+                context.max_memory >> 20,
+                self.max_memory >> 20
+            );
+        }
+        if let Err(error) = context.grants.check() {
+            wasmtime::bail!("invalid grants: {error:#}");
+        }
         let component = self.component(wasm, digest)?;
         let pre = self
             .linker
@@ -148,7 +161,7 @@ impl Sandbox {
         let pre = DeviceHandlerPre::new(pre)
             .context("the component does not implement the edge:methods handler world")?;
         let context = Arc::new(context);
-        let mut store = self.store(&context, "(load)", "-", LOAD_DEADLINE);
+        let mut store = self.store(&context, "(load)", "-", LOAD_DEADLINE)?;
         let methods = pre
             .instantiate(&mut store)
             .and_then(|handler| handler.edge_methods_handler().call_methods(&mut store))
@@ -169,41 +182,44 @@ impl Sandbox {
         method: &str,
         request_id: &str,
         deadline: Duration,
-    ) -> Store<CallState> {
+    ) -> Result<Store<CallState>, CallError> {
         new_store(&self.engine, context, method, request_id, deadline)
     }
 }
 
+/// A fresh Store for one call: WASI with only what the handler's grants give, its
+/// output going to the log, its memory capped, its deadline set.
 fn new_store(
     engine: &Engine,
     context: &Arc<HandlerContext>,
     method: &str,
     request_id: &str,
     deadline: Duration,
-) -> Store<CallState> {
-    let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-    let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-    let wasi = WasiCtx::builder()
-        .stdout(stdout.clone())
-        .stderr(stderr.clone())
-        .build();
+) -> Result<Store<CallState>, CallError> {
+    let method: Arc<str> = Arc::from(method);
+    let request_id: Arc<str> = Arc::from(request_id);
+    let mut wasi = WasiCtx::builder();
+    wasi.stdout(LogStream::new("stdout", context, &method, &request_id))
+        .stderr(LogStream::new("stderr", context, &method, &request_id));
+    context
+        .grants
+        .apply(&mut wasi)
+        .map_err(|e| CallError::Trapped(format!("{e:#}")))?;
     let state = CallState {
-        wasi,
+        wasi: wasi.build(),
         table: ResourceTable::new(),
         limiter: MemoryLimiter {
             max: context.max_memory,
             exhausted: false,
         },
         context: Arc::clone(context),
-        method: method.to_owned(),
-        request_id: request_id.to_owned(),
-        stdout,
-        stderr,
+        method,
+        request_id,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
     store.set_epoch_deadline(ticks(deadline));
-    store
+    Ok(store)
 }
 
 /// Epoch ticks that cover `deadline`, rounding up, and at least one.
@@ -259,6 +275,8 @@ pub struct HandlerContext {
     pub config: BTreeMap<String, String>,
     /// The linear-memory cap of one instance, in bytes.
     pub max_memory: usize,
+    /// What WASI gives the handler beyond nothing.
+    pub grants: Grants,
 }
 
 /// One compiled, pre-instantiated handler version.
@@ -288,14 +306,15 @@ impl HandlerCode {
             &request.method,
             &request.request_id,
             deadline,
-        );
-        let result = self.pre.instantiate(&mut store).and_then(|handler| {
-            handler
-                .edge_methods_handler()
-                .call_handle(&mut store, request)
-        });
-        log_output(store.data());
-        result.map_err(|e| describe_failure(e, &store, deadline))
+        )?;
+        self.pre
+            .instantiate(&mut store)
+            .and_then(|handler| {
+                handler
+                    .edge_methods_handler()
+                    .call_handle(&mut store, request)
+            })
+            .map_err(|e| describe_failure(e, &store, deadline))
     }
 }
 
@@ -319,26 +338,9 @@ fn describe_failure(
     }
 }
 
-/// Logs what the handler printed during a call, a line at a time.
-fn log_output(state: &CallState) {
-    for (stream, pipe) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
-        let contents = pipe.contents();
-        for line in String::from_utf8_lossy(&contents).lines() {
-            tracing::info!(
-                target: "edge_host::handler",
-                handler = %state.context.file,
-                method = %state.method,
-                rid = %state.request_id,
-                stream,
-                "{line}"
-            );
-        }
-    }
-}
-
 /// What a call's Store holds: only what one call needs.
 pub struct CallState {
-    /// WASI, with nothing granted but captured stdout/stderr.
+    /// WASI, with only what the handler's grants give; stdout and stderr go to the log.
     wasi: WasiCtx,
     /// WASI's resources (streams, pollables).
     table: ResourceTable,
@@ -347,13 +349,9 @@ pub struct CallState {
     /// The handler's identity and configuration.
     context: Arc<HandlerContext>,
     /// The method being served, for log lines.
-    method: String,
+    method: Arc<str>,
     /// The request being served, for log lines.
-    request_id: String,
-    /// What the handler prints on stdout.
-    stdout: MemoryOutputPipe,
-    /// What the handler prints on stderr.
-    stderr: MemoryOutputPipe,
+    request_id: Arc<str>,
 }
 
 impl WasiView for CallState {

@@ -35,6 +35,8 @@ pub struct Loader {
     pub device_id: String,
     /// Settings of handlers whose sidecar does not set them.
     pub defaults: HandlerSettings,
+    /// The longest a call may run when a handler's sidecar does not say.
+    pub call_timeout: Duration,
 }
 
 impl Loader {
@@ -120,12 +122,20 @@ impl Loader {
             device_id: self.device_id.clone(),
             config: settings.config,
             max_memory: settings.max_memory,
+            grants: settings.grants,
         };
         let code = self.sandbox.load(wasm, &fingerprint.wasm, context)?;
         Ok(HandlerVersion {
             file: file.to_owned(),
             digest: fingerprint.wasm.clone(),
             code,
+            timeout: settings
+                .timeout_ms
+                .map_or(self.call_timeout, Duration::from_millis),
+            in_flight: settings
+                .max_in_flight
+                .map(|limit| Arc::new(tokio::sync::Semaphore::new(limit))),
+            max_in_flight: settings.max_in_flight,
         })
     }
 }

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_invoker::{CallRequest, Caller, ConnectOptions};
-use edge_proto::{Catalog, Namespace};
+use edge_proto::Catalog;
 use serde_json::{Value, json};
-use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, guest, host_config};
+use testkit::{HandlerDir, Mosquitto, TestHost, guest, host_config};
 
 const DEVICE: &str = "reload-device";
 /// Generous: a reload takes a debounce and a compile, far less than this.
@@ -85,17 +85,9 @@ fn deploy_atomically(package_or_bytes: Result<&str, &[u8]>, to: &Path) {
 
 /// The latest retained catalog.
 async fn catalog(broker: &Mosquitto) -> Catalog {
-    let topic = Namespace::for_device(DEVICE)
-        .expect("valid")
-        .catalog_topic();
-    let mut watcher = RawClient::connect(&broker.url(), std::slice::from_ref(&topic))
+    testkit::catalog(&broker.url(), DEVICE)
         .await
-        .expect("watcher");
-    let (_, body) = watcher
-        .next_where(Duration::from_secs(5), |_| true)
-        .await
-        .expect("retained catalog");
-    serde_json::from_slice(&body).expect("catalog document")
+        .expect("retained catalog")
 }
 
 #[tokio::test]
@@ -211,26 +203,16 @@ async fn a_broken_file_keeps_the_last_good_version_until_a_good_one_comes() {
     let path = s.handlers.path().join("version.wasm");
     let good = std::fs::read(guest("version-b")).expect("built guest");
     deploy_atomically(Err(&good[..good.len() / 2]), &path);
-    let started = Instant::now();
-    let failure = loop {
-        let catalog = catalog(&s.broker).await;
-        if let Some(failure) = catalog
-            .failures
-            .iter()
-            .find(|f| f.handler == "version.wasm")
-        {
-            assert!(
-                catalog.methods.iter().any(|m| m.name == "version"),
-                "the old version is still listed"
-            );
-            break failure.error.clone();
-        }
-        assert!(
-            started.elapsed() < SETTLE,
-            "the broken file was never reported"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        c.failures.iter().any(|f| f.handler == "version.wasm")
+    })
+    .await
+    .expect("the broken file is reported");
+    assert!(
+        catalog.methods.iter().any(|m| m.name == "version"),
+        "the old version is still listed"
+    );
+    let failure = &catalog.failures[0].error;
     assert!(failure.contains("not a valid component"), "{failure}");
     assert_eq!(
         version(&s.caller).await,
@@ -278,23 +260,17 @@ async fn deleting_a_file_unregisters_its_methods_and_adding_it_back_serves_again
 async fn a_second_file_claiming_a_served_method_is_refused() {
     let s = setup(&[]).await;
     deploy_atomically(Ok("version-b"), &s.handlers.path().join("impostor.wasm"));
-    let started = Instant::now();
-    loop {
-        let catalog = catalog(&s.broker).await;
-        if let Some(failure) = catalog
-            .failures
-            .iter()
-            .find(|f| f.handler == "impostor.wasm")
-        {
-            assert!(
-                failure.error.contains("already served by version.wasm"),
-                "{failure:?}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < SETTLE, "the clash was never reported");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        c.failures.iter().any(|f| f.handler == "impostor.wasm")
+    })
+    .await
+    .expect("the clash is reported");
+    assert!(
+        catalog.failures[0]
+            .error
+            .contains("already served by version.wasm"),
+        "{catalog:?}"
+    );
     assert_eq!(version(&s.caller).await, "a");
     s.host.stop().await.expect("clean stop");
 }

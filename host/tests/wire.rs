@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use edge_proto::{Catalog, Namespace, Presence};
 use serde_json::{Value, json};
-use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, host_config};
+use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, WireCaller, host_config};
 
 const DEVICE: &str = "wire-device";
 const WAIT: Duration = Duration::from_secs(10);
@@ -14,7 +14,7 @@ struct Setup {
     _broker: Mosquitto,
     _handlers: HandlerDir,
     host: TestHost,
-    client: RawClient,
+    client: WireCaller,
     ns: Namespace,
 }
 
@@ -25,39 +25,24 @@ async fn setup() -> Setup {
     let host = TestHost::start(host_config(DEVICE, handlers.path(), broker.url()))
         .await
         .expect("host starts");
-    let ns = Namespace::for_device(DEVICE).expect("valid device id");
-    let client = RawClient::connect(&broker.url(), &[ns.response_filter()])
+    let client = WireCaller::connect(&broker.url(), DEVICE)
         .await
         .expect("client connects");
     Setup {
         _broker: broker,
         _handlers: handlers,
         host,
+        ns: client.namespace().clone(),
         client,
-        ns,
     }
 }
 
 impl Setup {
-    /// Publishes a request on `topic` and returns the status and JSON body answered to
-    /// request id `rid`.
     async fn raw_call(&mut self, topic: &str, rid: &str, payload: &[u8]) -> (u16, Value) {
-        self.client.publish(topic, payload).await.expect("publish");
-        let ns = self.ns.clone();
-        let (topic, body) = self
-            .client
-            .next_where(WAIT, |t| {
-                ns.parse_response(t).is_some_and(|r| r.request_id == rid)
-            })
+        self.client
+            .call_on(topic, rid, payload)
             .await
-            .unwrap_or_else(|e| panic!("no answer to {rid}: {e}"));
-        let status = self
-            .ns
-            .parse_response(&topic)
-            .expect("response topic")
-            .status;
-        let body = serde_json::from_slice(&body).expect("every answer is JSON");
-        (status, body)
+            .expect("answered")
     }
 
     async fn call(&mut self, method: &str, rid: &str, payload: &[u8]) -> (u16, Value) {
@@ -182,10 +167,7 @@ async fn requests_that_cannot_be_answered_are_dropped_and_the_host_serves_on() {
             "r".repeat(500)
         ),
     ] {
-        s.client
-            .publish(&topic, b"{}".as_slice())
-            .await
-            .expect("publish");
+        s.client.send(&topic, b"{}").await.expect("publish");
     }
     let (status, body) = s.call("echo", "still-here", b"\"ok\"").await;
     assert_eq!((status, body), (200, json!("ok")));

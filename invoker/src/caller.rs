@@ -35,6 +35,10 @@ use crate::call::{CallError, CallRequest, MethodResponse};
 /// How long the broker may take to accept the connection (TCP and CONNACK).
 pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// The time left for a device's answer to reach the caller: the device is asked to end
+/// the handler this long before the response timeout (at most a tenth of it).
+const ANSWER_TRANSIT: Duration = Duration::from_millis(250);
+
 /// How long the broker may take to echo a sync message before the session is deemed
 /// broken (for example an ACL that forbids the caller's private topic).
 const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -220,7 +224,10 @@ impl Caller {
             shared: &self.shared,
             request_id: &request_id,
         };
-        let topic = namespace.request_topic(&request.method, &request_id);
+        // The device ends the handler in time to answer before this call gives up,
+        // leaving the answer this long to travel back.
+        let budget = request.response_timeout - ANSWER_TRANSIT.min(request.response_timeout / 10);
+        let topic = namespace.request_topic_with_timeout(&request.method, &request_id, budget);
         debug!(%topic, "request");
         self.shared
             .client

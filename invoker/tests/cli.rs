@@ -191,19 +191,58 @@ async fn an_offline_device_fails_at_once_with_404103() {
 }
 
 #[tokio::test]
-async fn a_handler_that_does_not_answer_in_time_gives_504101() {
+async fn a_spinning_handler_is_ended_in_time_to_answer_504_before_the_caller_gives_up() {
     let mosquitto = Mosquitto::start().expect("mosquitto starts");
     let (host, _handlers) = start_host("slow-device", Some(&mosquitto)).await;
+    // The invoker tells the host how long it waits; the host ends the handler before
+    // then, so the caller learns why (504 deadlineExceeded), not just that time ran out.
     let (code, out) = call_json(
         &mosquitto.url(),
         &["slow-device", "spin", "{}", "--response-timeout", "5"],
     )
     .await;
-    assert_eq!((code, &out["errorCode"]), (4, &json!(504101)), "{out}");
-    // The spinning call costs only itself: the host answers others meanwhile and after.
+    assert_eq!(
+        (code, &out["status"], &out["payload"]["error"]["code"]),
+        (1, &json!(504), &json!("deadlineExceeded")),
+        "{out}"
+    );
+    // The spinning call cost only itself.
     let (code, out) = call_json(&mosquitto.url(), &["slow-device", "echo", "1"]).await;
     assert_eq!((code, out), (0, json!({"status": 200, "payload": 1})));
     host.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_device_that_does_not_answer_in_time_gives_504101() {
+    let mosquitto = Mosquitto::start().expect("mosquitto starts");
+    // A device that says it is online and then never answers (wedged, or an old
+    // firmware that drops the method), and one that publishes no presence at all.
+    let mute = testkit::RawClient::connect(&mosquitto.url(), &[])
+        .await
+        .expect("client");
+    let presence = edge_proto::Namespace::for_device("mute-device")
+        .expect("valid")
+        .presence_topic();
+    mute.publish_retained(&presence, br#"{"online":true}"#.as_slice())
+        .await
+        .expect("presence");
+    for device in ["mute-device", "silent-device"] {
+        let started = Instant::now();
+        let (code, out) = call_json(
+            &mosquitto.url(),
+            &[device, "echo", "{}", "--response-timeout", "5"],
+        )
+        .await;
+        assert_eq!(
+            (code, &out["errorCode"]),
+            (4, &json!(504101)),
+            "{device}: {out}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "{device}: gave up before its timeout"
+        );
+    }
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@
 //! says whether the request can still be answered (it has a usable request id) or not.
 
 use std::fmt;
+use std::time::Duration;
 
 /// The default namespace template: every device under `devices/{device-id}/`.
 pub const DEFAULT_NAMESPACE: &str = "devices/{device-id}/";
@@ -31,6 +32,7 @@ const METHODS: &str = "$iothub/methods/";
 const POST: &str = "$iothub/methods/POST/";
 const RES: &str = "$iothub/methods/res/";
 const RID: &str = "$rid=";
+const TIMEOUT: &str = "$timeout-ms=";
 
 /// A device's topic prefix, `devices/{device-id}/` unless configured otherwise.
 ///
@@ -126,6 +128,22 @@ impl Namespace {
         format!("{}{POST}{method}/?{RID}{request_id}", self.prefix)
     }
 
+    /// The request topic with the caller's timeout as the `$timeout-ms` property, so
+    /// that the device ends the handler in time to answer before the caller gives up.
+    /// Devices that do not know the property ignore it (it follows `$rid`).
+    pub fn request_topic_with_timeout(
+        &self,
+        method: &str,
+        request_id: &str,
+        timeout: Duration,
+    ) -> String {
+        format!(
+            "{}{POST}{method}/?{RID}{request_id}&{TIMEOUT}{}",
+            self.prefix,
+            timeout.as_millis()
+        )
+    }
+
     /// The topic a device publishes its answer to request `request_id` on.
     pub fn response_topic(&self, status: u16, request_id: &str) -> String {
         format!("{}{RES}{status}/?{RID}{request_id}", self.prefix)
@@ -162,7 +180,14 @@ impl Namespace {
                 reason,
             });
         }
-        Ok(RequestTopic { method, request_id })
+        let timeout = property(properties, TIMEOUT)
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        Ok(RequestTopic {
+            method,
+            request_id,
+            timeout,
+        })
     }
 
     /// Parses a response topic received on [`Namespace::response_filter`]: `None` when
@@ -205,6 +230,9 @@ pub struct RequestTopic<'t> {
     pub method: &'t str,
     /// The caller's request id, checked with [`check_request_id`].
     pub request_id: &'t str,
+    /// How long the caller waits for the answer (`$timeout-ms`), when it said; a value
+    /// that is not a number of milliseconds is ignored.
+    pub timeout: Option<Duration>,
 }
 
 /// A well-formed response topic.
@@ -256,15 +284,17 @@ fn parse_response_levels(rest: &str) -> Option<ResponseTopic<'_>> {
     Some(ResponseTopic { status, request_id })
 }
 
+/// The value of property `key` (with its `=`) in a topic's last level, `?a=1&b=2`.
+fn property<'t>(properties: &'t str, key: &str) -> Option<&'t str> {
+    properties
+        .strip_prefix('?')?
+        .split('&')
+        .find_map(|property| property.strip_prefix(key))
+}
+
 /// Reads `$rid` from a topic's last level, `?$rid=42` or `?$rid=42&other=x`.
 fn parse_request_id(properties: &str) -> Result<&str, RequestTopicError> {
-    let bag = properties
-        .strip_prefix('?')
-        .ok_or(RequestTopicError::NoRequestId)?;
-    let request_id = bag
-        .split('&')
-        .find_map(|property| property.strip_prefix(RID))
-        .ok_or(RequestTopicError::NoRequestId)?;
+    let request_id = property(properties, RID).ok_or(RequestTopicError::NoRequestId)?;
     check_request_id(request_id).map_err(RequestTopicError::BadRequestId)?;
     Ok(request_id)
 }
@@ -405,8 +435,31 @@ mod tests {
             parsed,
             RequestTopic {
                 method: "DeviceMethod",
-                request_id: "abc-1"
+                request_id: "abc-1",
+                timeout: None,
             }
+        );
+    }
+
+    #[test]
+    fn the_callers_timeout_travels_after_the_request_id() {
+        let ns = ns();
+        let topic = ns.request_topic_with_timeout("m", "r1", Duration::from_millis(4750));
+        assert_eq!(
+            topic,
+            "devices/my-device/$iothub/methods/POST/m/?$rid=r1&$timeout-ms=4750"
+        );
+        let parsed = ns.parse_request(&topic).expect("parses");
+        assert_eq!(
+            (parsed.request_id, parsed.timeout),
+            ("r1", Some(Duration::from_millis(4750)))
+        );
+        let odd = ns
+            .parse_request("devices/my-device/$iothub/methods/POST/m/?$rid=r&$timeout-ms=soon")
+            .expect("parses");
+        assert_eq!(
+            odd.timeout, None,
+            "a timeout that is not a number is ignored"
         );
     }
 

@@ -376,6 +376,21 @@ impl RawClient {
         Ok(())
     }
 
+    /// Publishes `payload` on `topic` at QoS 1, retained, as devices publish presence.
+    ///
+    /// # Errors
+    /// When the client's queue is closed.
+    pub async fn publish_retained(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+            .await?;
+        Ok(())
+    }
+
     /// The next message whose topic satisfies `wanted`, skipping others, within
     /// `timeout`.
     ///
@@ -398,5 +413,163 @@ impl RawClient {
         .ok()
         .flatten()
         .with_context(|| format!("no matching message within {timeout:?}"))
+    }
+}
+
+/// A caller that speaks the wire protocol with a plain MQTT client, for tests that
+/// send what edge-invoker never would (bad topics, non-JSON payloads, raw properties).
+pub struct WireCaller {
+    client: RawClient,
+    namespace: Namespace,
+    next_id: u64,
+}
+
+impl WireCaller {
+    /// Connects to `broker` and subscribes to `device_id`'s responses.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached.
+    pub async fn connect(broker: &BrokerUrl, device_id: &str) -> anyhow::Result<Self> {
+        let namespace = Namespace::for_device(device_id)?;
+        let client = RawClient::connect(broker, &[namespace.response_filter()]).await?;
+        Ok(Self {
+            client,
+            namespace,
+            next_id: 0,
+        })
+    }
+
+    /// The device's namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// A request id not used before by this caller.
+    pub fn request_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("w{}", self.next_id)
+    }
+
+    /// Calls `method` with `payload` and returns the status and JSON body answered.
+    ///
+    /// # Errors
+    /// When no answer comes within 30 s, or the answer is not JSON.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let request_id = self.request_id();
+        let topic = self.namespace.request_topic(method, &request_id);
+        self.call_on(&topic, &request_id, payload).await
+    }
+
+    /// Publishes `payload` on `topic` (which must carry `request_id`) and returns the
+    /// status and JSON body answered to `request_id`.
+    ///
+    /// # Errors
+    /// When no answer comes within 30 s, or the answer is not JSON.
+    pub async fn call_on(
+        &mut self,
+        topic: &str,
+        request_id: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.client.publish(topic, payload).await?;
+        self.answer(request_id).await
+    }
+
+    /// Publishes a request without waiting for its answer.
+    ///
+    /// # Errors
+    /// When the client's queue is closed.
+    pub async fn send(&self, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+        self.client.publish(topic, payload).await
+    }
+
+    /// The status and JSON body answered to `request_id`, within 30 s.
+    ///
+    /// # Errors
+    /// When no answer comes in time, or the answer is not JSON.
+    pub async fn answer(&mut self, request_id: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let namespace = self.namespace.clone();
+        let (topic, body) = self
+            .client
+            .next_where(Duration::from_secs(30), |t| {
+                namespace
+                    .parse_response(t)
+                    .is_some_and(|r| r.request_id == request_id)
+            })
+            .await
+            .with_context(|| format!("no answer to request {request_id}"))?;
+        let status = self
+            .namespace
+            .parse_response(&topic)
+            .context("response topic")?
+            .status;
+        let body = serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "the answer to {request_id} is not JSON: {}",
+                String::from_utf8_lossy(&body)
+            )
+        })?;
+        Ok((status, body))
+    }
+
+    /// The next answer to any request: its request id, status and JSON body.
+    ///
+    /// # Errors
+    /// When none comes within `timeout`, or it is not JSON.
+    pub async fn any_answer(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(String, u16, serde_json::Value)> {
+        let namespace = self.namespace.clone();
+        let (topic, body) = self
+            .client
+            .next_where(timeout, |t| namespace.parse_response(t).is_some())
+            .await?;
+        let response = self
+            .namespace
+            .parse_response(&topic)
+            .context("response topic")?;
+        Ok((
+            response.request_id.to_owned(),
+            response.status,
+            serde_json::from_slice(&body)?,
+        ))
+    }
+}
+
+/// `device_id`'s method catalog as the broker holds it now (retained).
+///
+/// # Errors
+/// When the broker cannot be reached or holds no catalog for the device.
+pub async fn catalog(broker: &BrokerUrl, device_id: &str) -> anyhow::Result<edge_proto::Catalog> {
+    let topic = Namespace::for_device(device_id)?.catalog_topic();
+    let mut watcher = RawClient::connect(broker, std::slice::from_ref(&topic)).await?;
+    let (_, body) = watcher.next_where(Duration::from_secs(5), |_| true).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Polls `device_id`'s catalog until `check` holds for it, for at most 20 s.
+///
+/// # Errors
+/// When it does not hold in time; the error shows the last catalog.
+pub async fn catalog_until(
+    broker: &BrokerUrl,
+    device_id: &str,
+    check: impl Fn(&edge_proto::Catalog) -> bool,
+) -> anyhow::Result<edge_proto::Catalog> {
+    let started = Instant::now();
+    loop {
+        let catalog = catalog(broker, device_id).await?;
+        if check(&catalog) {
+            return Ok(catalog);
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the catalog never got there; last: {catalog:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
