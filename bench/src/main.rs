@@ -3,10 +3,13 @@
 //!
 //! - [`reload`]: hot swap under steady load: rename → first call served by the new
 //!   version, and failed calls.
+//! - [`sandbox`]: the sandbox cost of one call (fresh Store, instantiate, call,
+//!   teardown), without MQTT.
 //!
 //! Run in release: `cargo run --release -p edge-bench -- <benchmark>`.
 
 mod reload;
+mod sandbox;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -23,11 +26,14 @@ struct Args {
 enum Benchmark {
     /// Hot reload under load: swaps a handler by atomic rename, again and again.
     Reload(reload::Options),
+    /// The sandbox cost of one call, echo handler, without MQTT.
+    Sandbox(sandbox::Options),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().benchmark {
         Benchmark::Reload(options) => reload::run(options).await,
+        Benchmark::Sandbox(options) => sandbox::run(&options),
     }
 }

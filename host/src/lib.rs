@@ -75,6 +75,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .max_memory
             .max(config::DEFAULT_MAX_MEMORY),
         cache_dir: config.cache_dir(),
+        keep_resident: true,
     })?);
     let registry = Arc::new(Registry::new());
     let loader = Loader {

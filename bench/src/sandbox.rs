@@ -1,0 +1,85 @@
+//! The sandbox cost of one call: fresh Store + instantiate + `handle` + teardown, for
+//! the `echo` handler with a 1 KiB payload, with epoch interruption and the memory
+//! limiter on, exactly as the host runs calls (no MQTT, no dispatch).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
+use edge_host::sandbox::{HandlerContext, Request, Sandbox, SandboxConfig};
+
+use crate::stats::{Samples, us};
+
+/// Options of the sandbox benchmark.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Calls to time (after as many again to warm up).
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    println!(
+        "sandbox cost of one call: echo, {} B payload, fresh instance, epoch + limits on, {} calls",
+        options.payload, options.calls
+    );
+    for (keep_resident, label) in [
+        (false, "pages faulted in per call (pool slots decommitted)"),
+        (
+            true,
+            "pages kept resident, dirty ones reset (as the host runs)",
+        ),
+    ] {
+        let samples = measure(options, keep_resident)?;
+        println!(
+            "  {label:<58} p50 {:>8}  p99 {:>8}",
+            us(samples.percentile(50.0)),
+            us(samples.percentile(99.0))
+        );
+    }
+    println!("  target: fresh p50 <= 30 us");
+    Ok(())
+}
+
+fn measure(options: &Options, keep_resident: bool) -> anyhow::Result<Samples> {
+    let sandbox = Sandbox::new(&SandboxConfig {
+        max_instances: 80,
+        max_memory: DEFAULT_MAX_MEMORY,
+        cache_dir: None,
+        keep_resident,
+    })?;
+    let wasm = std::fs::read(testkit::guest("echo"))?;
+    let context = HandlerContext {
+        file: "echo.wasm".into(),
+        device_id: "bench".into(),
+        config: Default::default(),
+        max_memory: DEFAULT_MAX_MEMORY,
+        grants: Grants::default(),
+    };
+    let code = Arc::new(sandbox.load(&wasm, "sha256:bench", context)?);
+    let payload = format!("\"{}\"", "x".repeat(options.payload.saturating_sub(2)));
+    let request = Request {
+        method: "echo".into(),
+        payload,
+        request_id: "bench-request-0001".into(),
+        time_left_ms: 30_000,
+    };
+    let deadline = Duration::from_secs(30);
+    for _ in 0..options.calls {
+        code.call(&request, deadline)?;
+    }
+    let mut samples = Vec::with_capacity(options.calls);
+    for _ in 0..options.calls {
+        let started = Instant::now();
+        let response = code.call(&request, deadline)?;
+        samples.push(started.elapsed());
+        anyhow::ensure!(
+            response.payload.len() == request.payload.len(),
+            "echo answered something else"
+        );
+    }
+    Ok(Samples::new(samples))
+}
