@@ -1,5 +1,6 @@
-//! The host's own memory returns to its baseline after handlers exhaust theirs. Alone
-//! in its test binary, so that no other test's memory moves the figure.
+//! The host's own memory stays bounded: it returns to its baseline after handlers
+//! exhaust theirs, and a flood of calls past the bounds does not pile up. One test,
+//! alone in its test binary, so that no other test's memory moves the figures.
 
 use testkit::{HandlerDir, Mosquitto, TestHost, WireCaller, host_config};
 
@@ -16,13 +17,13 @@ fn rss() -> usize {
 }
 
 #[tokio::test]
-async fn memory_a_handler_exhausted_is_given_back() {
+async fn host_memory_stays_bounded_through_exhaustion_and_floods() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");
     let handlers = HandlerDir::with(&["echo", "misbehave"]).expect("handlers");
-    let host = TestHost::start(host_config("memory-device", handlers.path(), broker.url()))
-        .await
-        .expect("host starts");
+    let mut config = host_config("memory-device", handlers.path(), broker.url());
+    config.limits.max_in_flight = 8;
+    let host = TestHost::start(config).await.expect("host starts");
     let mut client = WireCaller::connect(&broker.url(), "memory-device")
         .await
         .expect("client");
@@ -47,6 +48,33 @@ async fn memory_a_handler_exhausted_is_given_back() {
         grown >> 20,
         baseline >> 20,
         after >> 20
+    );
+
+    // A flood: 3,000 calls with 4 KiB payloads at once, far past the bound of 8 in
+    // flight. Every one is answered (200 or 503) and the host keeps no backlog.
+    let payload = format!("\"{}\"", "x".repeat(4094));
+    let mut sent = std::collections::HashSet::new();
+    for _ in 0..3000 {
+        let rid = client.request_id();
+        let topic = client.namespace().request_topic("echo", &rid);
+        client.send(&topic, payload.as_bytes()).await.expect("send");
+        sent.insert(rid);
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while !sent.is_empty() {
+        let (rid, status, _) = client
+            .any_answer(std::time::Duration::from_secs(30))
+            .await
+            .expect("every call is answered");
+        assert!(sent.remove(&rid), "{rid} unknown or answered twice");
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert!(statuses.keys().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    let flooded = rss().saturating_sub(baseline);
+    assert!(
+        flooded < 64 << 20,
+        "a flood of 3,000 calls ({statuses:?}) left the host {} MiB above its baseline",
+        flooded >> 20
     );
     host.stop().await.expect("clean stop");
 }
