@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use edge_proto::backoff::Backoff;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::task::JoinSet;
@@ -23,10 +24,6 @@ const MAX_PACKET: usize = 1024 * 1024;
 
 /// How long a clean shutdown waits for calls in flight to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// The first and the longest wait before reconnecting.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What the session needs to know about the device and the broker.
 #[derive(Debug, Clone)]
@@ -252,54 +249,4 @@ fn presence_json(online: bool, reason: Option<&str>) -> Vec<u8> {
         agent: Some(concat!("edge-host ", env!("CARGO_PKG_VERSION")).to_owned()),
     };
     serde_json::to_vec(&presence).unwrap_or_default()
-}
-
-/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
-#[derive(Debug, Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = BACKOFF_MIN
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(BACKOFF_MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        // Full jitter: anywhere from the minimum up to the ceiling, so that many devices
-        // losing one broker do not come back in lockstep.
-        let span = ceiling.saturating_sub(BACKOFF_MIN).as_millis() as u64;
-        BACKOFF_MIN + Duration::from_millis(jitter(span))
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// A number in `0..=max` from the clock's low bits: jitter needs no better randomness.
-fn jitter(max: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| u64::from(d.subsec_nanos()))
-        .unwrap_or(0);
-    nanos % (max + 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_ceiling_and_resets() {
-        let mut backoff = Backoff::default();
-        for _ in 0..40 {
-            let delay = backoff.next_delay();
-            assert!((BACKOFF_MIN..=BACKOFF_MAX).contains(&delay), "{delay:?}");
-        }
-        assert_eq!(backoff.attempt, 40);
-        backoff.reset();
-        // The first retry after a reset is quick again.
-        assert_eq!(backoff.next_delay(), BACKOFF_MIN);
-    }
 }

@@ -69,7 +69,10 @@ async fn host_memory_stays_bounded_through_exhaustion_and_floods() {
         assert!(sent.remove(&rid), "{rid} unknown or answered twice");
         *statuses.entry(status).or_insert(0) += 1;
     }
-    assert!(statuses.keys().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
     let flooded = rss().saturating_sub(baseline);
     assert!(
         flooded < 64 << 20,

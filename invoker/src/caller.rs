@@ -14,13 +14,15 @@
 //! queued behind its in-flight window still sends QoS 0 ones at once, so a QoS 0 echo
 //! could overtake the presence.
 //!
-//! A lost connection ends the session: calls in flight fail with [`CallError::Broker`]
-//! and so does every later call (connect a new [`Caller`] to go on).
+//! A lost connection does not end the session: the event-loop task reconnects with
+//! backoff and subscribes again; calls in flight keep waiting for their answer or
+//! their response timeout (504101), as a call through IoT Hub would.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use edge_proto::backoff::Backoff;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
@@ -118,6 +120,8 @@ struct Answer {
 
 /// A device the caller subscribed to.
 struct Device {
+    /// Its response and presence filters, to subscribe to again after a reconnection.
+    filters: [String; 2],
     /// The last presence seen; `None` while the device has published none.
     presence: watch::Sender<Option<Presence>>,
     /// Set once the subscriptions took effect (the sync echo came back).
@@ -286,6 +290,7 @@ impl Caller {
                     .entry(presence_topic.clone())
                     .or_insert_with(|| {
                         Arc::new(Device {
+                            filters: [namespace.response_filter(), presence_topic.clone()],
                             presence: watch::Sender::new(None),
                             subscribed: OnceCell::new(),
                         })
@@ -295,11 +300,10 @@ impl Caller {
         device
             .subscribed
             .get_or_try_init(|| async {
-                let filters = [
-                    (namespace.response_filter(), QoS::AtLeastOnce),
-                    (presence_topic.clone(), QoS::AtLeastOnce),
-                ]
-                .map(|(path, qos)| rumqttc::SubscribeFilter::new(path, qos));
+                let filters = device
+                    .filters
+                    .clone()
+                    .map(|filter| rumqttc::SubscribeFilter::new(filter, QoS::AtLeastOnce));
                 self.shared
                     .client
                     .subscribe_many(filters)
@@ -415,6 +419,27 @@ impl Shared {
         routes.devices.clear();
     }
 
+    /// Subscribes again, after a reconnection, to everything the session had: the sync
+    /// topic and every watched device's responses and presence (whose retained value
+    /// then arrives again).
+    fn resubscribe(&self) {
+        let mut filters = vec![rumqttc::SubscribeFilter::new(
+            self.sync_topic.clone(),
+            QoS::AtLeastOnce,
+        )];
+        for device in lock(&self.routes).devices.values() {
+            filters.extend(
+                device
+                    .filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+            );
+        }
+        if let Err(error) = self.client.try_subscribe_many(filters) {
+            warn!(%error, "could not subscribe again after reconnecting");
+        }
+    }
+
     /// Routes one incoming message to whoever waits for it; others are ignored.
     fn route(&self, publish: Publish) {
         if publish.topic == self.sync_topic {
@@ -464,8 +489,14 @@ impl Shared {
     }
 }
 
-/// Polls the event loop until the session ends, routing what arrives.
+/// Polls the event loop until the session ends, routing what arrives. A lost
+/// connection does not end it: the task backs off (exponentially, with jitter) and
+/// reconnects, then subscribes again to the caller's sync topic and to every device it
+/// watches. Calls in flight meanwhile keep waiting, and end with their answer or with
+/// 504101 when their response timeout passes.
 async fn run_eventloop(mut eventloop: EventLoop, shared: std::sync::Weak<Shared>) {
+    let mut backoff = Backoff::default();
+    let mut lost = false;
     loop {
         let event = eventloop.poll().await;
         let Some(shared) = shared.upgrade() else {
@@ -473,6 +504,13 @@ async fn run_eventloop(mut eventloop: EventLoop, shared: std::sync::Weak<Shared>
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => shared.route(publish),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                if std::mem::take(&mut lost) {
+                    debug!(broker = %shared.broker, "reconnected");
+                    shared.resubscribe();
+                }
+            }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                     warn!(
@@ -489,12 +527,13 @@ async fn run_eventloop(mut eventloop: EventLoop, shared: std::sync::Weak<Shared>
                 return;
             }
             Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => return,
             Err(e) => {
-                shared.close(format!(
-                    "lost the connection to the broker at {}: {e}",
-                    shared.broker
-                ));
-                return;
+                lost = true;
+                let delay = backoff.next_delay();
+                warn!(broker = %shared.broker, error = %e, retry_in_ms = delay.as_millis(), "lost the connection to the broker; reconnecting");
+                drop(shared);
+                tokio::time::sleep(delay).await;
             }
         }
     }

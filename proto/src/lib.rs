@@ -2,6 +2,7 @@
 //! restates it (and so that the invoker does not depend on wasmtime).
 //!
 //! Layout:
+//! - [`backoff`]: how long to wait before reconnecting to a broker.
 //! - [`broker`]: the broker address, `mqtt://host:port`.
 //! - [`topic`]: the per-device namespace and Azure IoT Hub's direct-method topics under
 //!   it: building them and parsing them back, with the names checked.
@@ -12,6 +13,7 @@
 //!
 //! `docs/protocol.md` is the same contract in prose, with a worked example.
 
+pub mod backoff;
 pub mod broker;
 pub mod message;
 pub mod status;
