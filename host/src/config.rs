@@ -132,6 +132,11 @@ pub struct HandlerSettings {
     pub config: BTreeMap<String, String>,
     /// What WASI gives the handler; nothing by default.
     pub grants: Grants,
+    /// The handler declares it keeps no state between calls: serve it from warm
+    /// instances instead of a fresh one per call.
+    pub reuse: bool,
+    /// Calls one warm instance serves before it is replaced.
+    pub reuse_max_calls: u32,
 }
 
 /// The default linear-memory cap of one instance: 64 MiB.
@@ -145,6 +150,8 @@ impl Default for HandlerSettings {
             max_in_flight: None,
             config: BTreeMap::new(),
             grants: Grants::default(),
+            reuse: false,
+            reuse_max_calls: 1000,
         }
     }
 }
@@ -161,12 +168,17 @@ impl HandlerSettings {
         if sidecar.max_in_flight == Some(0) {
             anyhow::bail!("max_in_flight must be at least 1");
         }
+        if sidecar.reuse_max_calls == Some(0) {
+            anyhow::bail!("reuse_max_calls must be at least 1");
+        }
         Ok(Self {
             max_memory: sidecar.max_memory.unwrap_or(defaults.max_memory),
             timeout_ms: sidecar.timeout_ms.or(defaults.timeout_ms),
             max_in_flight: sidecar.max_in_flight.or(defaults.max_in_flight),
             config,
             grants: sidecar.grants.unwrap_or_else(|| defaults.grants.clone()),
+            reuse: sidecar.reuse.unwrap_or(defaults.reuse),
+            reuse_max_calls: sidecar.reuse_max_calls.unwrap_or(defaults.reuse_max_calls),
         })
     }
 }
@@ -181,6 +193,8 @@ struct Sidecar {
     #[serde(default)]
     config: BTreeMap<String, String>,
     grants: Option<Grants>,
+    reuse: Option<bool>,
+    reuse_max_calls: Option<u32>,
 }
 
 /// What WASI gives a handler beyond nothing: environment values and folders. Network

@@ -41,8 +41,9 @@ use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::watcher::Loader;
 
-/// Instances kept for loading handlers, beyond the calls in flight.
-const LOAD_INSTANCES: u32 = 16;
+/// Instances the pool holds beyond the calls in flight: for loading handlers, and for
+/// the warm instances of handlers that opted in to reuse.
+const SPARE_INSTANCES: u32 = 80;
 
 /// What a host did, reported when it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     })?;
     let max_in_flight = u32::try_from(config.limits.max_in_flight).unwrap_or(u32::MAX);
     let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
-        max_instances: max_in_flight.saturating_add(LOAD_INSTANCES),
+        max_instances: max_in_flight.saturating_add(SPARE_INSTANCES),
         max_memory: config
             .handler_defaults
             .max_memory

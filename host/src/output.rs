@@ -58,6 +58,18 @@ impl LogStream {
         }
     }
 
+    /// Starts logging for another call of a reused instance: what the last call left
+    /// (a line without its newline, a count of dropped bytes) is logged under its own
+    /// tags, and the cap starts over.
+    pub fn start_call(&self, method: &Arc<str>, request_id: &Arc<str>) {
+        let mut logger = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        logger.finish();
+        logger.method = Arc::clone(method);
+        logger.request_id = Arc::clone(request_id);
+        logger.logged = 0;
+        logger.dropped = 0;
+    }
+
     fn write_bytes(&self, bytes: &[u8]) {
         self.inner
             .lock()
@@ -100,8 +112,14 @@ impl LineLogger {
 }
 
 impl Drop for LineLogger {
-    /// At the end of the call: the last line without a newline, and what was dropped.
     fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl LineLogger {
+    /// At the end of a call: the last line without a newline, and what was dropped.
+    fn finish(&mut self) {
         if !self.partial.is_empty() {
             let rest = std::mem::take(&mut self.partial);
             self.emit(&rest);
@@ -189,6 +207,7 @@ mod tests {
                 config: Default::default(),
                 max_memory: 0,
                 grants: Default::default(),
+                reuse: None,
             }),
             method: Arc::from("m"),
             request_id: Arc::from("r"),

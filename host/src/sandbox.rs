@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -173,6 +173,7 @@ impl Sandbox {
             pre,
             context,
             methods,
+            warm: Mutex::new(Vec::new()),
         })
     }
 
@@ -226,9 +227,10 @@ fn new_store(
 ) -> Result<Store<CallState>, CallError> {
     let method: Arc<str> = Arc::from(method);
     let request_id: Arc<str> = Arc::from(request_id);
+    let stdout = LogStream::new("stdout", context, &method, &request_id);
+    let stderr = LogStream::new("stderr", context, &method, &request_id);
     let mut wasi = WasiCtx::builder();
-    wasi.stdout(LogStream::new("stdout", context, &method, &request_id))
-        .stderr(LogStream::new("stderr", context, &method, &request_id));
+    wasi.stdout(stdout.clone()).stderr(stderr.clone());
     context
         .grants
         .apply(&mut wasi)
@@ -243,6 +245,8 @@ fn new_store(
         context: Arc::clone(context),
         method,
         request_id,
+        stdout,
+        stderr,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
@@ -305,6 +309,9 @@ pub struct HandlerContext {
     pub max_memory: usize,
     /// What WASI gives the handler beyond nothing.
     pub grants: Grants,
+    /// Whether warm instances are reused across calls (the handler declares it keeps
+    /// no state between them), and how many calls one instance serves at most.
+    pub reuse: Option<u32>,
 }
 
 /// One compiled, pre-instantiated handler version.
@@ -313,7 +320,21 @@ pub struct HandlerCode {
     pre: DeviceHandlerPre<CallState>,
     context: Arc<HandlerContext>,
     methods: Vec<MethodInfo>,
+    /// Idle warm instances, for handlers that opted in to reuse. They belong to this
+    /// version: a reload retires them with it.
+    warm: Mutex<Vec<Warm>>,
 }
+
+/// An instance kept warm between calls, with the Store it lives in.
+struct Warm {
+    store: Store<CallState>,
+    handler: DeviceHandler,
+    /// Calls it has served.
+    calls: u32,
+}
+
+/// Idle warm instances kept per handler version; more are dropped when calls end.
+const WARM_MAX: usize = 8;
 
 impl HandlerCode {
     /// The methods this version serves, as it listed them when loaded.
@@ -321,13 +342,68 @@ impl HandlerCode {
         &self.methods
     }
 
-    /// Runs one call in a fresh instance. Blocks the thread for as long as the handler
-    /// runs (at most `deadline`): call it from a blocking thread, never the poll loop.
+    /// Runs one call: in a fresh instance, or in a warm one when the handler opted in
+    /// to reuse. Blocks the thread for as long as the handler runs (at most
+    /// `deadline`): call it from a blocking thread, never the poll loop.
     ///
     /// # Errors
     /// When the handler does not finish within `deadline`, exhausts its memory, or
-    /// traps; none of these affect any other call.
+    /// traps; none of these affect any other call, and the instance it happened in is
+    /// never used again.
     pub fn call(&self, request: &Request, deadline: Duration) -> Result<Response, CallError> {
+        let Some(max_calls) = self.context.reuse else {
+            let (mut store, handler) = self.instantiate(request, deadline)?;
+            return handler
+                .edge_methods_handler()
+                .call_handle(&mut store, request)
+                .map_err(|e| describe_failure(e, &store, deadline));
+        };
+        let warm = self
+            .warm
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut warm = match warm {
+            Some(mut warm) => {
+                warm.store.data_mut().start_call(request);
+                warm.store.set_epoch_deadline(ticks(deadline));
+                warm
+            }
+            None => {
+                let (store, handler) = self.instantiate(request, deadline)?;
+                Warm {
+                    store,
+                    handler,
+                    calls: 0,
+                }
+            }
+        };
+        let result = warm
+            .handler
+            .edge_methods_handler()
+            .call_handle(&mut warm.store, request);
+        match result {
+            Ok(response) => {
+                warm.calls += 1;
+                if warm.calls < max_calls {
+                    let mut idle = self.warm.lock().unwrap_or_else(PoisonError::into_inner);
+                    if idle.len() < WARM_MAX {
+                        idle.push(warm);
+                    }
+                }
+                Ok(response)
+            }
+            // A trap, a deadline or exhausted memory: the instance is dropped here.
+            Err(error) => Err(describe_failure(error, &warm.store, deadline)),
+        }
+    }
+
+    /// A fresh Store and instance for `request`.
+    fn instantiate(
+        &self,
+        request: &Request,
+        deadline: Duration,
+    ) -> Result<(Store<CallState>, DeviceHandler), CallError> {
         let mut store = new_store(
             &self.engine,
             &self.context,
@@ -335,14 +411,10 @@ impl HandlerCode {
             &request.request_id,
             deadline,
         )?;
-        self.pre
-            .instantiate(&mut store)
-            .and_then(|handler| {
-                handler
-                    .edge_methods_handler()
-                    .call_handle(&mut store, request)
-            })
-            .map_err(|e| describe_failure(e, &store, deadline))
+        match self.pre.instantiate(&mut store) {
+            Ok(handler) => Ok((store, handler)),
+            Err(error) => Err(describe_failure(error, &store, deadline)),
+        }
     }
 }
 
@@ -380,6 +452,21 @@ pub struct CallState {
     method: Arc<str>,
     /// The request being served, for log lines.
     request_id: Arc<str>,
+    /// The handler's stdout, retagged for each call of a reused instance.
+    stdout: LogStream,
+    /// The handler's stderr, likewise.
+    stderr: LogStream,
+}
+
+impl CallState {
+    /// Readies a reused instance's state for another call.
+    fn start_call(&mut self, request: &Request) {
+        self.method = Arc::from(request.method.as_str());
+        self.request_id = Arc::from(request.request_id.as_str());
+        self.stdout.start_call(&self.method, &self.request_id);
+        self.stderr.start_call(&self.method, &self.request_id);
+        self.limiter.exhausted = false;
+    }
 }
 
 impl WasiView for CallState {

@@ -123,6 +123,7 @@ impl Loader {
             config: settings.config,
             max_memory: settings.max_memory,
             grants: settings.grants,
+            reuse: settings.reuse.then_some(settings.reuse_max_calls),
         };
         let code = self.sandbox.load(wasm, &fingerprint.wasm, context)?;
         Ok(HandlerVersion {
