@@ -17,6 +17,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("version-b", "testkit/fixtures/version-b"),
     ("wrong-world", "testkit/fixtures/wrong-world"),
     ("probe", "testkit/fixtures/probe"),
+    ("named", "testkit/fixtures/named"),
 ];
 
 fn main() {

@@ -68,10 +68,7 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<BrokerUrl> {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         ip => ip.to_string(),
     };
-    Ok(BrokerUrl {
-        host,
-        port: listen.port(),
-    })
+    Ok(BrokerUrl::tcp(host, listen.port()))
 }
 
 /// Waits until the broker's thread accepts connections, so that the host's first

@@ -24,6 +24,12 @@ pub struct Config {
     /// An external broker to connect to; none starts the embedded broker.
     #[serde(deserialize_with = "broker_url")]
     pub broker: Option<BrokerUrl>,
+    /// TLS files for the connection to an external broker.
+    pub tls: TlsSettings,
+    /// The MQTT username, if the broker wants one.
+    pub username: Option<String>,
+    /// A file whose first line is the MQTT password (`EDGE_PASSWORD` wins over it).
+    pub password_file: Option<PathBuf>,
     /// Where the embedded broker listens (loopback unless set otherwise).
     pub listen: SocketAddr,
     /// The topic namespace template; `{device-id}` stands for the device id.
@@ -45,6 +51,9 @@ impl Default for Config {
             device_id: String::new(),
             handlers: PathBuf::from("handlers"),
             broker: None,
+            tls: TlsSettings::default(),
+            username: None,
+            password_file: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             namespace: edge_proto::topic::DEFAULT_NAMESPACE.to_owned(),
             cache_dir: None,
@@ -75,6 +84,25 @@ impl Config {
         })
     }
 
+    /// TLS and credentials for the broker connection; the password comes from
+    /// `EDGE_PASSWORD`, else from `password_file`.
+    ///
+    /// # Errors
+    /// When the password file cannot be read.
+    pub fn security(&self) -> anyhow::Result<edge_proto::transport::Security> {
+        let password =
+            edge_proto::transport::password("EDGE_PASSWORD", self.password_file.as_deref())?;
+        Ok(edge_proto::transport::Security {
+            tls: edge_proto::transport::TlsFiles {
+                ca_file: self.tls.ca_file.clone(),
+                cert_file: self.tls.cert_file.clone(),
+                key_file: self.tls.key_file.clone(),
+            },
+            username: self.username.clone(),
+            password,
+        })
+    }
+
     /// The longest a call may run when a handler's sidecar does not say.
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.call_timeout_ms)
@@ -93,6 +121,19 @@ fn broker_url<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<BrokerUr
     let url: Option<String> = Option::deserialize(de)?;
     url.map(|url| url.parse().map_err(serde::de::Error::custom))
         .transpose()
+}
+
+/// TLS files for the broker connection; any of them (or an `mqtts://` broker) turns
+/// TLS on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM file of the CA certificates to trust; unset trusts the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the host's client certificate, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of that certificate's private key.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Limits that hold for every call.

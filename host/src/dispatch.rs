@@ -52,6 +52,9 @@ pub enum CallError {
     /// The handler answered something that is not JSON, or too large.
     #[error("the handler's answer is invalid: {0}")]
     InvalidResponse(PayloadError),
+    /// The host is shutting down and takes no new calls.
+    #[error("the device is shutting down and takes no new calls")]
+    ShuttingDown,
 }
 
 impl CallError {
@@ -66,6 +69,7 @@ impl CallError {
             Self::Deadline(_) => ErrorCode::DeadlineExceeded,
             Self::MemoryExhausted { .. } | Self::Trapped(_) => ErrorCode::HandlerFailed,
             Self::InvalidResponse(_) => ErrorCode::InvalidResponse,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
 

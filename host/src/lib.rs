@@ -68,6 +68,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.device_id, config.namespace
         )
     })?;
+    let security = config.security()?;
+    if config.broker.is_none() && (security.tls.is_set() || security.username.is_some()) {
+        anyhow::bail!(
+            "TLS files and credentials are for an external broker: give --broker mqtts://HOST:PORT \
+             (the embedded broker speaks plain MQTT, on loopback by default)"
+        );
+    }
     let max_in_flight = u32::try_from(config.limits.max_in_flight).unwrap_or(u32::MAX);
     let sandbox = Arc::new(Sandbox::new(&SandboxConfig {
         max_instances: max_in_flight.saturating_add(SPARE_INSTANCES),
@@ -115,10 +122,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             broker,
             device_id: config.device_id.clone(),
             namespace,
+            security,
         },
         dispatcher,
         registry,
-    );
+    )?;
     session.run(shutdown).await;
     Ok(RunReport {
         compilations: sandbox.compilations(),

@@ -31,8 +31,39 @@ struct Args {
     handlers: Option<PathBuf>,
 
     /// An existing MQTT broker to connect to; without it the host runs its own.
-    #[arg(long, env = "EDGE_BROKER", value_name = "mqtt://HOST:PORT")]
+    #[arg(long, env = "EDGE_BROKER", value_name = "mqtt[s]://HOST:PORT")]
     broker: Option<BrokerUrl>,
+
+    /// PEM file of the CA certificates to trust for TLS to the broker (or use mqtts://).
+    #[arg(long, env = "EDGE_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// PEM file of this host's client certificate, for mutual TLS.
+    #[arg(
+        long,
+        env = "EDGE_CERT_FILE",
+        value_name = "FILE",
+        requires = "key_file"
+    )]
+    cert_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key.
+    #[arg(
+        long,
+        env = "EDGE_KEY_FILE",
+        value_name = "FILE",
+        requires = "cert_file"
+    )]
+    key_file: Option<PathBuf>,
+
+    /// The MQTT username. The password comes from EDGE_PASSWORD or --password-file,
+    /// never from a flag (it would show in `ps`).
+    #[arg(long, env = "EDGE_USERNAME")]
+    username: Option<String>,
+
+    /// A file whose first line is the MQTT password.
+    #[arg(long, env = "EDGE_PASSWORD_FILE", value_name = "FILE")]
+    password_file: Option<PathBuf>,
 
     /// Where the embedded broker listens. Anything but loopback exposes the broker,
     /// unauthenticated, to that network.
@@ -75,6 +106,21 @@ impl Args {
         }
         if let Some(broker) = self.broker {
             config.broker = Some(broker);
+        }
+        if let Some(ca_file) = self.ca_file {
+            config.tls.ca_file = Some(ca_file);
+        }
+        if let Some(cert_file) = self.cert_file {
+            config.tls.cert_file = Some(cert_file);
+        }
+        if let Some(key_file) = self.key_file {
+            config.tls.key_file = Some(key_file);
+        }
+        if let Some(username) = self.username {
+            config.username = Some(username);
+        }
+        if let Some(password_file) = self.password_file {
+            config.password_file = Some(password_file);
         }
         if let Some(listen) = self.listen {
             config.listen = listen;

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
 use edge_proto::backoff::Backoff;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
@@ -34,6 +35,8 @@ pub struct SessionConfig {
     pub device_id: String,
     /// The device's topic namespace.
     pub namespace: Namespace,
+    /// TLS and credentials.
+    pub security: edge_proto::transport::Security,
 }
 
 /// The device's MQTT session.
@@ -52,7 +55,7 @@ impl Session {
         config: SessionConfig,
         dispatcher: Arc<Dispatcher>,
         registry: Arc<Registry>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let namespace = Arc::new(config.namespace);
         let mut options =
             MqttOptions::new(&config.device_id, &config.broker.host, config.broker.port);
@@ -66,20 +69,24 @@ impl Session {
                 QoS::AtLeastOnce,
                 true,
             ));
+        config
+            .security
+            .apply(&config.broker, &mut options)
+            .with_context(|| format!("cannot set up the connection to {}", config.broker))?;
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let mut network = NetworkOptions::new();
         // Without it, each answer can stall ~40 ms on a delayed ACK (Nagle).
         network.set_tcp_nodelay(true);
         network.set_connection_timeout(5);
         eventloop.set_network_options(network);
-        Self {
+        Ok(Self {
             client,
             eventloop,
             namespace,
             dispatcher,
             registry,
             calls: JoinSet::new(),
-        }
+        })
     }
 
     /// Serves until `shutdown` completes, then marks the device offline, answers the
@@ -210,11 +217,10 @@ impl Session {
         tokio::pin!(grace);
         let mut disconnecting = false;
         loop {
-            if self.calls.is_empty() && !disconnecting {
+            // Disconnect once every call has answered and the broker acknowledged every
+            // answer (and the offline presence): nothing is left to lose.
+            if !disconnecting && self.calls.is_empty() && self.eventloop.state.inflight() == 0 {
                 disconnecting = self.client.try_disconnect().is_ok();
-                if !disconnecting {
-                    break;
-                }
             }
             tokio::select! {
                 () = &mut grace => {
@@ -223,10 +229,11 @@ impl Session {
                 }
                 Some(_) = self.calls.join_next() => {}
                 event = self.eventloop.poll() => match event {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        tracing::debug!(topic = %publish.topic, "ignored a request during shutdown");
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        self.wait_for_close().await;
+                        break;
                     }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => self.refuse(&publish),
                     Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(%error, "connection lost during shutdown");
@@ -238,13 +245,46 @@ impl Session {
         self.calls.abort_all();
         tracing::info!("disconnected");
     }
+
+    /// Answers a request that arrived while shutting down: 503, at once.
+    fn refuse(&self, publish: &rumqttc::Publish) {
+        let Some(request_id) = (match self.namespace.parse_request(&publish.topic) {
+            Ok(request) => Some(request.request_id.to_owned()),
+            Err(error) => error.request_id().map(str::to_owned),
+        }) else {
+            return;
+        };
+        let answer = CallError::ShuttingDown.answer();
+        let topic = self.namespace.response_topic(answer.status, &request_id);
+        if let Err(error) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, answer.payload)
+        {
+            tracing::warn!(rid = %request_id, %error, "could not refuse a request during shutdown");
+        }
+    }
+
+    /// After DISCONNECT, reads until the broker closes the connection (briefly): a
+    /// socket closed with unread data (the broker's last acknowledgements) is reset
+    /// rather than closed, and the broker may then drop what it had not yet read.
+    async fn wait_for_close(&mut self) {
+        let closed = async { while self.eventloop.poll().await.is_ok() {} };
+        if tokio::time::timeout(Duration::from_secs(2), closed)
+            .await
+            .is_err()
+        {
+            tracing::debug!("the broker did not close the connection after DISCONNECT");
+        }
+    }
 }
 
 /// The presence document, as JSON bytes.
 fn presence_json(online: bool, reason: Option<&str>) -> Vec<u8> {
     let presence = Presence {
         online,
-        since: online.then(|| humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+        // The will is written at connect time: it cannot know when the device dropped.
+        since: (reason != Some("connection-lost"))
+            .then(|| humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
         reason: reason.map(str::to_owned),
         agent: Some(concat!("edge-host ", env!("CARGO_PKG_VERSION")).to_owned()),
     };

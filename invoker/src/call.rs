@@ -108,16 +108,36 @@ fn check_timeout(
     }
 }
 
-/// Reads the payload argument of the command line: JSON text, `-` for stdin, or
-/// nothing for JSON `null`. Reads at most one byte more than [`MAX_PAYLOAD`] from
-/// `stdin`, so that a huge input is refused without reading all of it.
+/// Reads the payload argument of the command line: JSON text, `-` for stdin, `@FILE`
+/// for a file, or nothing for JSON `null`. Reads at most one byte more than
+/// [`MAX_PAYLOAD`] from stdin or the file, so that a huge input is refused without
+/// reading all of it. (No JSON document starts with `@`, so `@` is never ambiguous.)
 ///
 /// # Errors
-/// [`CallError::Argument`] when stdin cannot be read, or holds more than the limit, or
-/// the payload is not one JSON document.
+/// [`CallError::Argument`] when stdin or the file cannot be read, or holds more than
+/// the limit, or the payload is not one JSON document.
 pub fn read_payload(arg: Option<&str>, stdin: &mut dyn Read) -> Result<String, CallError> {
     let text = match arg {
         None => return Ok("null".to_owned()),
+        Some(file) if file.starts_with('@') => {
+            let path = &file[1..];
+            let file_error = |reason: String| ArgumentError::File {
+                path: path.to_owned(),
+                reason,
+            };
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_PAYLOAD as u64 + 1).read_to_end(&mut bytes))
+                .map_err(|e| file_error(e.to_string()))?;
+            if bytes.len() > MAX_PAYLOAD {
+                return Err(file_error(format!(
+                    "it is larger than {MAX_PAYLOAD} bytes, the limit"
+                ))
+                .into());
+            }
+            json_payload(&bytes, MAX_PAYLOAD).map_err(|e| file_error(e.to_string()))?;
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
         Some("-") => {
             let mut bytes = Vec::new();
             stdin
@@ -267,6 +287,14 @@ pub enum ArgumentError {
     /// Stdin could not be read.
     #[error("could not read the payload from stdin: {0}")]
     Stdin(String),
+    /// The payload file could not be read, or holds no valid payload.
+    #[error("payload file {path}: {reason}")]
+    File {
+        /// The file, as the command line named it.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 #[cfg(test)]
@@ -400,6 +428,39 @@ mod tests {
         let big_inline = format!("\"{}\"", "x".repeat(MAX_PAYLOAD));
         let error = read_payload(Some(&big_inline), &mut no_stdin).expect_err("too large");
         assert!(error.to_string().contains("the limit is 131072"), "{error}");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("payload.json");
+        let at = format!("@{}", path.display());
+        std::fs::write(&path, " {\"from\": \"a file\"}\n").expect("write");
+        assert_eq!(
+            read_payload(Some(&at), &mut no_stdin).expect("file"),
+            "{\"from\": \"a file\"}"
+        );
+        std::fs::write(&path, "{oops").expect("write");
+        let error = read_payload(Some(&at), &mut no_stdin).expect_err("not JSON");
+        assert!(
+            error.to_string().starts_with(&format!(
+                "payload file {}: payload is not JSON: ",
+                path.display()
+            )),
+            "{error}"
+        );
+        assert_eq!(error.code(), Some(400_004));
+        std::fs::write(&path, vec![b' '; MAX_PAYLOAD + 1]).expect("write");
+        let error = read_payload(Some(&at), &mut no_stdin).expect_err("too large");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "payload file {}: it is larger than 131072 bytes, the limit",
+                path.display()
+            )
+        );
+        let error = read_payload(Some("@/nonexistent/p.json"), &mut no_stdin).expect_err("none");
+        assert_eq!(
+            error.to_string(),
+            "payload file /nonexistent/p.json: No such file or directory (os error 2)"
+        );
 
         let mut not_utf8: &[u8] = &[b'"', 0xff, b'"'];
         let error = read_payload(Some("-"), &mut not_utf8).expect_err("not UTF-8");

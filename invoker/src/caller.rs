@@ -14,15 +14,23 @@
 //! queued behind its in-flight window still sends QoS 0 ones at once, so a QoS 0 echo
 //! could overtake the presence.
 //!
+//! Reading what the broker holds (retained presence and catalogs, of one device or of
+//! every device under a wildcard) uses the same barrier: subscribe, sync, and what has
+//! arrived by then is everything the broker held. Those subscriptions are QoS 0, so
+//! that a broker never queues (and, past its queue limit, drops) a large fleet's
+//! retained messages behind its QoS 1 in-flight window; the QoS 1 echo comes after
+//! them all the same, since a broker sends one connection's packets in order.
+//!
 //! A lost connection does not end the session: the event-loop task reconnects with
 //! backoff and subscribes again; calls in flight keep waiting for their answer or
 //! their response timeout (504101), as a call through IoT Hub would.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use edge_proto::backoff::Backoff;
+use edge_proto::transport::Security;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
@@ -55,18 +63,22 @@ const REQUEST_QUEUE: usize = 256;
 /// How to reach the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
-    /// The broker, `mqtt://host:port`.
+    /// The broker, `mqtt://host:port` or `mqtts://host:port`.
     pub broker: BrokerUrl,
     /// The MQTT keep-alive interval (at least 1 s).
     pub keep_alive: Duration,
+    /// TLS files and credentials.
+    pub security: Security,
 }
 
 impl ConnectOptions {
-    /// Options for `broker` with a 30 s keep-alive.
+    /// Options for `broker` with a 30 s keep-alive, no TLS unless the URL is
+    /// `mqtts://`, and no credentials.
     pub fn new(broker: BrokerUrl) -> Self {
         Self {
             broker,
             keep_alive: Duration::from_secs(30),
+            security: Security::default(),
         }
     }
 }
@@ -100,6 +112,8 @@ struct Routes {
     barriers: HashMap<String, oneshot::Sender<()>>,
     /// Devices subscribed to, by presence topic.
     devices: HashMap<String, Arc<Device>>,
+    /// Reads of retained messages in progress, by token.
+    snapshots: HashMap<String, Snapshot>,
     /// Why the session ended, once it has.
     closed: Option<String>,
 }
@@ -116,6 +130,14 @@ struct Pending {
 struct Answer {
     status: u16,
     publish: Publish,
+}
+
+/// A read of what the broker holds on some filters ([`Caller::retained`]).
+struct Snapshot {
+    /// The filters subscribed to.
+    filters: Vec<String>,
+    /// The last payload seen on each topic.
+    messages: BTreeMap<String, Vec<u8>>,
 }
 
 /// A device the caller subscribed to.
@@ -147,6 +169,13 @@ impl Caller {
         mqtt.set_clean_session(true)
             .set_keep_alive(options.keep_alive.max(Duration::from_secs(1)))
             .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        options
+            .security
+            .apply(&options.broker, &mut mqtt)
+            .map_err(|e| CallError::Connect {
+                broker: broker.clone(),
+                reason: e.to_string(),
+            })?;
         let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_QUEUE);
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -315,6 +344,67 @@ impl Caller {
         Ok(device.presence.subscribe())
     }
 
+    /// What the broker holds on `filters` (MQTT filters, `+` and `#` allowed): the
+    /// retained message of every matching topic, by topic, as the broker holds it now
+    /// (a message published meanwhile may replace one). Subscribes at QoS 0, syncs, and
+    /// unsubscribes again.
+    ///
+    /// # Errors
+    /// [`CallError::Broker`] when the session ended or the broker did not echo the sync.
+    pub async fn retained(
+        &self,
+        filters: &[String],
+    ) -> Result<BTreeMap<String, Vec<u8>>, CallError> {
+        let token = format!("{:016x}", rand::random::<u64>());
+        self.shared.routes(|routes| {
+            routes.snapshots.insert(
+                token.clone(),
+                Snapshot {
+                    filters: filters.to_vec(),
+                    messages: BTreeMap::new(),
+                },
+            )
+        })?;
+        // Removes the entry however this read ends, cancelled included.
+        let _snapshot = SnapshotGuard {
+            shared: &self.shared,
+            token: &token,
+        };
+        let read = async {
+            let subscriptions = filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtMostOnce));
+            self.shared
+                .client
+                .subscribe_many(subscriptions)
+                .await
+                .map_err(|e| self.shared.broker_error(e))?;
+            self.sync().await
+        };
+        let outcome = read.await;
+        let (snapshot, still_wanted) = {
+            let mut routes = lock(&self.shared.routes);
+            let snapshot = routes.snapshots.remove(&token);
+            let still_wanted: Vec<String> = routes
+                .snapshots
+                .values()
+                .flat_map(|s| s.filters.iter())
+                .chain(routes.devices.values().flat_map(|d| d.filters.iter()))
+                .cloned()
+                .collect();
+            (snapshot, still_wanted)
+        };
+        outcome?;
+        for filter in filters.iter().filter(|f| !still_wanted.contains(f)) {
+            if let Err(e) = self.shared.client.unsubscribe(filter.clone()).await {
+                debug!(error = %e, %filter, "unsubscribe");
+            }
+        }
+        snapshot
+            .map(|s| s.messages)
+            .ok_or_else(|| self.shared.closed_error())
+    }
+
     /// Waits until the device is not known to be offline, for up to the connect timeout.
     async fn wait_online(
         &self,
@@ -417,6 +507,7 @@ impl Shared {
         routes.pending.clear();
         routes.barriers.clear();
         routes.devices.clear();
+        routes.snapshots.clear();
     }
 
     /// Subscribes again, after a reconnection, to everything the session had: the sync
@@ -427,7 +518,8 @@ impl Shared {
             self.sync_topic.clone(),
             QoS::AtLeastOnce,
         )];
-        for device in lock(&self.routes).devices.values() {
+        let routes = lock(&self.routes);
+        for device in routes.devices.values() {
             filters.extend(
                 device
                     .filters
@@ -435,6 +527,15 @@ impl Shared {
                     .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
             );
         }
+        for snapshot in routes.snapshots.values() {
+            filters.extend(
+                snapshot
+                    .filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
+            );
+        }
+        drop(routes);
         if let Err(error) = self.client.try_subscribe_many(filters) {
             warn!(%error, "could not subscribe again after reconnecting");
         }
@@ -467,7 +568,25 @@ impl Shared {
             }
             return;
         }
-        let device = lock(&self.routes).devices.get(&publish.topic).cloned();
+        let device = {
+            let mut routes = lock(&self.routes);
+            for snapshot in routes.snapshots.values_mut() {
+                if snapshot
+                    .filters
+                    .iter()
+                    .any(|filter| topic_matches(filter, &publish.topic))
+                {
+                    if publish.payload.is_empty() {
+                        snapshot.messages.remove(&publish.topic);
+                    } else {
+                        snapshot
+                            .messages
+                            .insert(publish.topic.clone(), publish.payload.to_vec());
+                    }
+                }
+            }
+            routes.devices.get(&publish.topic).cloned()
+        };
         match device {
             Some(device) => {
                 let presence = if publish.payload.is_empty() {
@@ -551,6 +670,18 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Removes a read of retained messages from the routes when it ends, however it ends.
+struct SnapshotGuard<'a> {
+    shared: &'a Shared,
+    token: &'a str,
+}
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.routes).snapshots.remove(self.token);
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(task) = lock(&self.task).take() {
@@ -559,8 +690,48 @@ impl Drop for Shared {
     }
 }
 
+/// Whether `topic` matches the MQTT subscription `filter` (`+` one level, `#` the rest).
+/// As brokers do, a wildcard at the first level does not match a topic that begins
+/// with `$`.
+fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let (mut filter, mut topic) = (filter.split('/'), topic.split('/'));
+    loop {
+        match (filter.next(), topic.next()) {
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Locks a mutex; a panic elsewhere while it was held leaves plain maps behind, which
 /// stay usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_matches;
+
+    #[test]
+    fn filters_match_topics_as_mqtt_brokers_match_them() {
+        let presence = "devices/pump-1/$edge/presence";
+        assert!(topic_matches("devices/+/$edge/presence", presence));
+        assert!(topic_matches("devices/#", presence));
+        assert!(topic_matches(presence, presence));
+        assert!(topic_matches("devices/pump-1/#", "devices/pump-1"));
+        assert!(!topic_matches("devices/+/$edge/methods", presence));
+        assert!(!topic_matches("devices/+", presence));
+        assert!(!topic_matches("devices/+/$edge/presence/x", presence));
+        assert!(!topic_matches("devices/pump-2/$edge/presence", presence));
+        assert!(topic_matches("+/$edge/presence", "pump-1/$edge/presence"));
+        assert!(!topic_matches("+/$edge/presence", "$SYS/$edge/presence"));
+        assert!(!topic_matches("#", "$SYS/broker"));
+    }
 }

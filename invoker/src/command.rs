@@ -4,32 +4,90 @@
 use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
-use edge_proto::BrokerUrl;
+use clap::CommandFactory;
+use edge_proto::Namespace;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::debug;
 
-use crate::call::{CallError, CallRequest, MethodResponse, ResponsePayload, read_payload};
+use crate::broadcast::{self, DeviceResult, Totals};
+use crate::call::{
+    ArgumentError, CallError, CallRequest, MethodResponse, ResponsePayload, read_payload,
+};
 use crate::caller::{Caller, ConnectOptions};
-use crate::cli::{CallArgs, Cli, Command, GlobalArgs};
+use crate::cli::{
+    BroadcastArgs, CallArgs, Cli, Command, CompletionsArgs, DevicesArgs, GlobalArgs, MethodsArgs,
+    Settings,
+};
 use crate::exit::Exit;
-use crate::output::{self, Format};
+use crate::fleet;
+use crate::output::{self, Format, Paint};
+use crate::pattern::DevicePattern;
 
-/// The streams a command reads and writes.
+/// The streams a command reads and writes, and what they are connected to.
 pub struct Io<'a> {
     /// Where `-` reads a payload from.
     pub stdin: &'a mut (dyn Read + Send),
-    /// Where answers go (and, with `--json`, errors).
+    /// Where answers go (and, with `call --json`, errors).
     pub stdout: &'a mut (dyn Write + Send),
     /// Where progress and, for people, errors go.
     pub stderr: &'a mut (dyn Write + Send),
     /// Whether stdout is a terminal: JSON payloads are then indented.
     pub stdout_is_terminal: bool,
+    /// Whether stderr is a terminal: a broadcast then shows a progress bar there.
+    pub stderr_is_terminal: bool,
+    /// Whether to colour what goes to stdout.
+    pub color_stdout: bool,
+    /// Whether to colour what goes to stderr.
+    pub color_stderr: bool,
 }
 
-/// Runs the command on the process's own stdin, stdout and stderr.
+impl Io<'_> {
+    /// How answers are printed: JSON, or for people (indented on a terminal).
+    fn format(&self, settings: &Settings) -> Format {
+        if settings.json {
+            Format::Json
+        } else {
+            Format::Human {
+                pretty: self.stdout_is_terminal,
+            }
+        }
+    }
+
+    /// Colours for stdout; never with `--json`.
+    fn paint_stdout(&self, format: Format) -> Paint {
+        Paint::new(self.color_stdout && format != Format::Json)
+    }
+
+    /// Colours for stderr.
+    fn paint_stderr(&self) -> Paint {
+        Paint::new(self.color_stderr)
+    }
+
+    /// Prints `error: <what>` on stderr.
+    fn fail(&mut self, what: &str) {
+        let line = output::failure(what, self.paint_stderr());
+        let _ = self.stderr.write_all(line.as_bytes());
+    }
+
+    /// Prints a call error on stderr, for people, and returns its exit.
+    fn fail_call(&mut self, error: &CallError) -> Exit {
+        let line = output::error(Format::Human { pretty: false }, error, self.paint_stderr());
+        let _ = self.stderr.write_all(line.as_bytes());
+        Exit::of_error(error)
+    }
+}
+
+/// Runs the command on the process's own stdin, stdout and stderr. Colour follows
+/// the terminal and the conventions (`NO_COLOR`, `CLICOLOR`, `CLICOLOR_FORCE`).
 pub async fn run(cli: Cli) -> Exit {
     let (mut stdin, mut stdout, mut stderr) =
         (std::io::stdin(), std::io::stdout(), std::io::stderr());
-    let stdout_is_terminal = stdout.is_terminal();
+    let colour = |choice| choice != anstream::ColorChoice::Never;
+    let (color_stdout, color_stderr) = (
+        colour(anstream::AutoStream::choice(&stdout)),
+        colour(anstream::AutoStream::choice(&stderr)),
+    );
+    let (stdout_is_terminal, stderr_is_terminal) = (stdout.is_terminal(), stderr.is_terminal());
     run_with(
         cli,
         Io {
@@ -37,6 +95,9 @@ pub async fn run(cli: Cli) -> Exit {
             stdout: &mut stdout,
             stderr: &mut stderr,
             stdout_is_terminal,
+            stderr_is_terminal,
+            color_stdout,
+            color_stderr,
         },
     )
     .await
@@ -45,15 +106,12 @@ pub async fn run(cli: Cli) -> Exit {
 /// Runs the command on the given streams. Failures are printed, not returned: the exit
 /// says how the command ended.
 pub async fn run_with(cli: Cli, mut io: Io<'_>) -> Exit {
-    let format = if cli.global.json {
-        Format::Json
-    } else {
-        Format::Human {
-            pretty: io.stdout_is_terminal,
-        }
-    };
     let exit = match cli.command {
-        Command::Call(args) => call(&cli.global, args, format, &mut io).await,
+        Command::Call(args) => call(&cli.global, args, &mut io).await,
+        Command::Devices(args) => devices(&cli.global, args, &mut io).await,
+        Command::Methods(args) => methods(&cli.global, args, &mut io).await,
+        Command::Broadcast(args) => broadcast(&cli.global, args, &mut io).await,
+        Command::Completions(args) => completions(&args, &mut io),
     };
     if let Err(e) = io.stdout.flush() {
         debug!(error = %e, "stdout");
@@ -62,42 +120,64 @@ pub async fn run_with(cli: Cli, mut io: Io<'_>) -> Exit {
     exit
 }
 
+/// The global settings, or the usage exit after saying why there are none.
+fn settings(global: &GlobalArgs, io: &mut Io<'_>) -> Result<Settings, Exit> {
+    global.settings().map_err(|error| {
+        io.fail(&error.to_string());
+        Exit::Usage
+    })
+}
+
 /// `edge-invoker call`.
-async fn call(global: &GlobalArgs, args: CallArgs, format: Format, io: &mut Io<'_>) -> Exit {
-    let request = match request(global, &args, io.stdin) {
+async fn call(global: &GlobalArgs, args: CallArgs, io: &mut Io<'_>) -> Exit {
+    let settings = match settings(global, io) {
+        Ok(settings) => settings,
+        Err(exit) => return exit,
+    };
+    let format = io.format(&settings);
+    let request = match request(&settings, &args, io.stdin) {
         Ok(request) => request,
         Err(error) => return report(format, io, Err(error)),
     };
     if let Format::Human { .. } = format {
-        let line = output::invoking(&request.device, &request.method, &request.payload);
+        let line = output::invoking(
+            &request.device,
+            &request.method,
+            &request.payload,
+            io.paint_stderr(),
+        );
         let _ = io.stderr.write_all(line.as_bytes());
     }
-    let outcome = call_once(&global.broker, &request).await;
+    let outcome = call_once(&settings.connect, &request).await;
     report(format, io, outcome)
 }
 
 /// The request the command line asks for, checked before anything is sent.
 fn request(
-    global: &GlobalArgs,
+    settings: &Settings,
     args: &CallArgs,
     stdin: &mut (dyn Read + Send),
 ) -> Result<CallRequest, CallError> {
     let payload = read_payload(args.payload.as_deref(), stdin)?;
+    let (response_timeout, connect_timeout) = args.timeouts.resolve(&settings.config);
     let request = CallRequest {
         device: args.device.clone(),
         method: args.method.clone(),
         payload,
-        response_timeout: Duration::from_secs(args.timeouts.response_timeout),
-        connect_timeout: Duration::from_secs(args.timeouts.connect_timeout),
-        namespace: global.namespace.clone(),
+        response_timeout,
+        connect_timeout,
+        namespace: settings.namespace.clone(),
     };
     request.check()?;
     Ok(request)
 }
 
 /// Connects, calls once, and disconnects.
-async fn call_once(broker: &BrokerUrl, request: &CallRequest) -> Result<MethodResponse, CallError> {
-    let caller = Caller::connect(ConnectOptions::new(broker.clone())).await?;
+async fn call_once(
+    connect: &ConnectOptions,
+    request: &CallRequest,
+) -> Result<MethodResponse, CallError> {
+    let caller = Caller::connect(connect.clone()).await?;
     let outcome = caller.call(request).await;
     caller.disconnect().await;
     outcome
@@ -114,16 +194,267 @@ fn report(format: Format, io: &mut Io<'_>, outcome: Result<MethodResponse, CallE
                     b"warning: the device's payload is not JSON; it is shown as a JSON string\n",
                 );
             }
+            let paint = io.paint_stdout(format);
             io.stdout
-                .write_all(output::response(format, response).as_bytes())
+                .write_all(output::response(format, response, paint).as_bytes())
         }
-        (Err(error), Format::Json) => io.stdout.write_all(output::error(format, error).as_bytes()),
+        (Err(error), Format::Json) => io
+            .stdout
+            .write_all(output::error(format, error, Paint::NONE).as_bytes()),
         (Err(error), Format::Human { .. }) => {
-            let _ = io.stderr.write_all(output::error(format, error).as_bytes());
+            io.fail_call(error);
             Ok(())
         }
     };
     match written {
+        Ok(()) => exit,
+        Err(e) => {
+            debug!(error = %e, "stdout");
+            Exit::Failure
+        }
+    }
+}
+
+/// `edge-invoker devices`.
+async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Exit {
+    let settings = match settings(global, io) {
+        Ok(settings) => settings,
+        Err(exit) => return exit,
+    };
+    let format = io.format(&settings);
+    let every_device = match Namespace::any_device(&settings.namespace) {
+        Ok(prefix) => prefix,
+        Err(error) => return io.fail_call(&ArgumentError::Name(error).into()),
+    };
+    let pattern = args
+        .pattern
+        .map_or_else(DevicePattern::any, DevicePattern::new);
+    let caller = match Caller::connect(settings.connect.clone()).await {
+        Ok(caller) => caller,
+        Err(error) => return io.fail_call(&error),
+    };
+    let listed = fleet::list(&caller, &settings.namespace).await;
+    caller.disconnect().await;
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(error) => return io.fail_call(&error),
+    };
+    let known = listed.len();
+    let matching: Vec<_> = listed
+        .into_iter()
+        .filter(|d| pattern.matches(&d.device))
+        .collect();
+    let text = match format {
+        Format::Json => matching.iter().map(output::fleet::device_json).collect(),
+        Format::Human { .. } if matching.is_empty() => {
+            let note = if known == 0 {
+                format!("The broker holds no device's presence under {every_device}.\n")
+            } else {
+                format!(
+                    "No device matches '{pattern}' ({known} device{} known).\n",
+                    if known == 1 { "" } else { "s" }
+                )
+            };
+            let _ = io.stderr.write_all(note.as_bytes());
+            String::new()
+        }
+        Format::Human { .. } => output::fleet::devices_table(&matching, io.paint_stdout(format)),
+    };
+    written(io, &text, Exit::Success)
+}
+
+/// `edge-invoker methods`.
+async fn methods(global: &GlobalArgs, args: MethodsArgs, io: &mut Io<'_>) -> Exit {
+    let settings = match settings(global, io) {
+        Ok(settings) => settings,
+        Err(exit) => return exit,
+    };
+    let format = io.format(&settings);
+    if let Err(error) = Namespace::new(&settings.namespace, &args.device) {
+        return io.fail_call(&ArgumentError::Name(error).into());
+    }
+    let caller = match Caller::connect(settings.connect.clone()).await {
+        Ok(caller) => caller,
+        Err(error) => return io.fail_call(&error),
+    };
+    let state = fleet::device(&caller, &settings.namespace, &args.device).await;
+    caller.disconnect().await;
+    let state = match state {
+        Ok(state) => state,
+        Err(error) => return io.fail_call(&error),
+    };
+    if state.catalog.is_none() {
+        let why = match &state.presence {
+            None => format!(
+                "the broker holds no method catalog for device '{}': no such device, or one \
+                 that publishes no catalog",
+                args.device
+            ),
+            Some(presence) => format!(
+                "device '{}' is {} but the broker holds no method catalog for it",
+                args.device,
+                if presence.online { "online" } else { "offline" }
+            ),
+        };
+        io.fail(&why);
+        return Exit::NotOnline;
+    }
+    let text = match format {
+        Format::Json => output::fleet::methods_json(&state),
+        Format::Human { .. } => output::fleet::methods_table(&state, io.paint_stdout(format)),
+    };
+    written(io, &text, Exit::Success)
+}
+
+/// `edge-invoker broadcast`.
+async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) -> Exit {
+    let settings = match settings(global, io) {
+        Ok(settings) => settings,
+        Err(exit) => return exit,
+    };
+    let format = io.format(&settings);
+    let payload = match read_payload(args.payload.as_deref(), io.stdin) {
+        Ok(payload) => payload,
+        Err(error) => return io.fail_call(&error),
+    };
+    let (response_timeout, connect_timeout) = args.timeouts.resolve(&settings.config);
+    let mut request = CallRequest {
+        // Each call names its device; any valid id checks the rest before connecting.
+        device: "device".to_owned(),
+        method: args.method.clone(),
+        payload,
+        response_timeout,
+        connect_timeout,
+        namespace: settings.namespace.clone(),
+    };
+    if let Err(error) = request.check() {
+        return io.fail_call(&error);
+    }
+    let patterns: Vec<DevicePattern> = args.devices.iter().map(DevicePattern::new).collect();
+    if let Err(error) = broadcast::check_literals(&patterns) {
+        io.fail(&error.to_string());
+        return error.exit();
+    }
+    let named = match &args.devices_file {
+        Some(path) => match broadcast::read_devices_file(path) {
+            Ok(named) => named,
+            Err(error) => {
+                io.fail(&error.to_string());
+                return error.exit();
+            }
+        },
+        None => Vec::new(),
+    };
+    let needs_listing = patterns.iter().any(|p| !p.is_literal());
+    let namespace_ok = Namespace::any_device(&settings.namespace);
+    if let (true, Err(error)) = (needs_listing, namespace_ok) {
+        return io.fail_call(&ArgumentError::Name(error).into());
+    }
+
+    let caller = match Caller::connect(settings.connect.clone()).await {
+        Ok(caller) => caller,
+        Err(error) => return io.fail_call(&error),
+    };
+    let known = if needs_listing {
+        match fleet::list(&caller, &settings.namespace).await {
+            Ok(known) => known,
+            Err(error) => {
+                caller.disconnect().await;
+                return io.fail_call(&error);
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let targets = match broadcast::select(&patterns, &known, &named) {
+        Ok(targets) => targets,
+        Err(error) => {
+            caller.disconnect().await;
+            io.fail(&error.to_string());
+            return error.exit();
+        }
+    };
+    request.device.clear();
+
+    if let Format::Human { .. } = format {
+        let line = output::job::invoking(
+            &request.method,
+            targets.len(),
+            &request.payload,
+            io.paint_stderr(),
+        );
+        let _ = io.stderr.write_all(line.as_bytes());
+    }
+    let bar = progress_bar(format, io, targets.len());
+    let mut totals = Totals::default();
+    let mut stdout_failed = false;
+    let stdout = &mut *io.stdout;
+    let results = broadcast::run(
+        &caller,
+        &request,
+        &targets,
+        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        |result: &DeviceResult| {
+            totals.add(broadcast::Outcome::of(result));
+            bar.inc(1);
+            bar.set_message(output::job::progress(&totals));
+            if format == Format::Json && !stdout_failed {
+                let line = output::job::result_json(result);
+                stdout_failed = stdout
+                    .write_all(line.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err();
+            }
+        },
+    )
+    .await;
+    bar.finish_and_clear();
+    caller.disconnect().await;
+
+    let exit = broadcast::exit(&results);
+    match format {
+        Format::Json if stdout_failed => Exit::Failure,
+        Format::Json => exit,
+        Format::Human { .. } => {
+            let paint = io.paint_stdout(format);
+            let text = format!(
+                "{}\n{}",
+                output::job::results_table(&results, paint),
+                output::job::totals(&Totals::of(&results), paint)
+            );
+            written(io, &text, exit)
+        }
+    }
+}
+
+/// A progress bar on stderr for people at a terminal; hidden otherwise.
+fn progress_bar(format: Format, io: &Io<'_>, devices: usize) -> ProgressBar {
+    if format == Format::Json || !io.stderr_is_terminal {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(devices as u64), ProgressDrawTarget::stderr());
+    let template = if io.color_stderr {
+        "{spinner:.green} {elapsed_precise} [{wide_bar:.cyan/blue}] {pos}/{len} devices {msg:.yellow}"
+    } else {
+        "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} devices {msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// `edge-invoker completions`.
+fn completions(args: &CompletionsArgs, io: &mut Io<'_>) -> Exit {
+    clap_complete::generate(args.shell, &mut Cli::command(), "edge-invoker", io.stdout);
+    Exit::Success
+}
+
+/// Writes `text` on stdout: `exit` when it went, a failure when it did not (a closed
+/// pipe).
+fn written(io: &mut Io<'_>, text: &str, exit: Exit) -> Exit {
+    match io.stdout.write_all(text.as_bytes()) {
         Ok(()) => exit,
         Err(e) => {
             debug!(error = %e, "stdout");
@@ -150,6 +481,9 @@ mod tests {
                 stdout: &mut stdout,
                 stderr: &mut stderr,
                 stdout_is_terminal: false,
+                stderr_is_terminal: false,
+                color_stdout: false,
+                color_stderr: false,
             },
         )
         .await;

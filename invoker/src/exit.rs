@@ -79,11 +79,16 @@ impl Exit {
         }
     }
 
-    /// The exit codes as a `--help` section.
+    /// The exit codes of `call` as a `--help` section.
     pub fn help() -> String {
+        Self::table(&Self::ALL.map(|exit| (exit, exit.meaning())))
+    }
+
+    /// A `--help` section listing `rows`, each exit with what it means for a command.
+    pub fn table(rows: &[(Exit, &str)]) -> String {
         let mut help = String::from("Exit codes:\n");
-        for exit in Self::ALL {
-            help.push_str(&format!("  {}  {}\n", exit.code(), exit.meaning()));
+        for (exit, meaning) in rows {
+            help.push_str(&format!("  {}  {meaning}\n", exit.code()));
         }
         help
     }

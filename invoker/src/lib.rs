@@ -5,22 +5,35 @@
 //! - [`caller`]: [`Caller`], one MQTT session shared by concurrent calls: connects,
 //!   learns each device's presence, publishes requests and routes responses back to
 //!   their calls by request id.
+//!   It also reads what the broker retains (presence, catalogs) behind the same barrier.
 //! - [`call`]: what one call is: [`CallRequest`] and its argument checks,
 //!   [`MethodResponse`], [`CallError`].
+//! - [`fleet`]: devices as the broker knows them (retained presence and catalog),
+//!   for `devices` and `methods`.
+//! - [`broadcast`]: a job calling one method on many devices with bounded concurrency,
+//!   its results and totals.
+//! - [`pattern`]: device patterns, globs over device ids (`pump-*`).
 //! - [`cli`]: the command line (clap): global options and subcommands.
+//! - [`config`]: the optional TOML config file (defaults for broker, namespace,
+//!   timeouts).
 //! - [`command`]: runs a subcommand from a parsed command line with injected streams
 //!   ([`run`], [`run_with`]).
-//! - [`output`]: how answers and errors are printed, for people or as JSON.
+//! - [`output`]: how answers, lists, results and errors are printed, for people (in
+//!   colour on a terminal) or as JSON.
 //! - [`exit`]: [`Exit`], the exit code of each kind of outcome.
 //!
 //! The wire protocol (topics, codes, payload rules) comes from `edge-proto`.
 
+pub mod broadcast;
 pub mod call;
 pub mod caller;
 pub mod cli;
 pub mod command;
+pub mod config;
 pub mod exit;
+pub mod fleet;
 pub mod output;
+pub mod pattern;
 
 pub use call::{CallError, CallRequest, MethodResponse, ResponsePayload};
 pub use caller::{Caller, ConnectOptions};

@@ -1,12 +1,78 @@
 //! How results are shown: for people, modelled on the output of Azure's
-//! `CallMethodOnDevice.py` tutorial, or as exactly one JSON object per command (`--json`).
+//! `CallMethodOnDevice.py` tutorial, in colour on a terminal ([`Paint`]); or as JSON
+//! (`--json`): one object for a call, one a line for lists and jobs.
 //!
 //! Payloads are re-laid out from the device's own text, never parsed into numbers and
 //! printed back, so a number keeps every digit the device sent.
+//!
+//! - this file: [`Format`], [`Paint`], and what `call` prints;
+//! - [`table`]: columns for people;
+//! - [`fleet`]: what `devices` and `methods` print;
+//! - [`job`]: what `broadcast` prints.
 
+pub mod fleet;
+pub mod job;
+pub mod table;
+
+use anstyle::{AnsiColor, Style};
 use serde::Serialize;
 
 use crate::call::{CallError, MethodResponse, ResponsePayload};
+
+/// Whether to colour text for people: on a terminal unless `NO_COLOR` (or `TERM=dumb`,
+/// `CLICOLOR=0`) says otherwise; never in pipes, files or JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paint {
+    on: bool,
+}
+
+impl Paint {
+    /// No colour.
+    pub const NONE: Self = Self { on: false };
+
+    /// Colour when `on`.
+    pub fn new(on: bool) -> Self {
+        Self { on }
+    }
+
+    /// Whether this paints at all.
+    pub fn is_on(self) -> bool {
+        self.on
+    }
+
+    /// `text` in `style`, or as it is when not painting.
+    pub fn paint(self, style: Style, text: &str) -> String {
+        if self.on && !text.is_empty() {
+            format!("{}{text}{}", style.render(), style.render_reset())
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+/// The styles of the output, in one place.
+pub mod style {
+    use super::{AnsiColor, Style};
+
+    /// A success: a 2xx status, `online`, a count of successes.
+    pub const GOOD: Style = Style::new().fg_color(Some(anstyle::Color::Ansi(AnsiColor::Green)));
+    /// A failure: another status, `error:`, a count of failures.
+    pub const BAD: Style = Style::new()
+        .fg_color(Some(anstyle::Color::Ansi(AnsiColor::Red)))
+        .bold();
+    /// Neither: offline, not online, timed out.
+    pub const WARN: Style = Style::new().fg_color(Some(anstyle::Color::Ansi(AnsiColor::Yellow)));
+    /// Column headers and labels.
+    pub const HEADER: Style = Style::new().bold();
+    /// What matters less: digests, times.
+    pub const DIM: Style = Style::new().dimmed();
+    /// A key in a JSON object, as jq shows it.
+    pub const KEY: Style = Style::new()
+        .fg_color(Some(anstyle::Color::Ansi(AnsiColor::Blue)))
+        .bold();
+    /// A string in JSON, as jq shows it.
+    pub const STRING: Style = Style::new().fg_color(Some(anstyle::Color::Ansi(AnsiColor::Green)));
+}
 
 /// How to print results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,38 +89,55 @@ pub enum Format {
 /// The line announcing a call (human format; it goes to stderr, so that stdout holds
 /// only the answer), such as
 /// `Invoking method 'DeviceMethod' on device 'my-device' with payload: {"a":1}`.
-pub fn invoking(device: &str, method: &str, payload: &str) -> String {
+pub fn invoking(device: &str, method: &str, payload: &str, paint: Paint) -> String {
     format!(
-        "Invoking method '{method}' on device '{device}' with payload: {}\n",
-        relayout(payload, false)
+        "Invoking method '{}' on device '{}' with payload: {}\n",
+        paint.paint(style::HEADER, method),
+        paint.paint(style::HEADER, device),
+        relayout(payload, false, Paint::NONE)
     )
 }
 
-/// What to print on stdout for a device's answer, whatever its status.
-pub fn response(format: Format, response: &MethodResponse) -> String {
+/// What to print on stdout for a device's answer, whatever its status; `paint` colours
+/// the human format (the status, the payload's keys and strings).
+pub fn response(format: Format, response: &MethodResponse, paint: Paint) -> String {
     match format {
         Format::Human { pretty } => format!(
             "Response status : {}\nResponse payload: {}\n",
-            response.status,
-            payload_text(&response.payload, pretty)
+            status_text(response.status, paint),
+            payload_text(&response.payload, pretty, paint)
         ),
         Format::Json => format!(
             "{{\"status\":{},\"payload\":{}}}\n",
             response.status,
-            payload_text(&response.payload, false)
+            payload_text(&response.payload, false, Paint::NONE)
         ),
     }
+}
+
+/// A status, green when it is a success and red otherwise.
+fn status_text(status: u16, paint: Paint) -> String {
+    let style = if (200..300).contains(&status) {
+        style::GOOD
+    } else {
+        style::BAD
+    };
+    paint.paint(style, &status.to_string())
 }
 
 /// What to print for a call that has no answer: in the human format one line for
 /// stderr, such as `error: device 'x' is not online (404103 DeviceNotOnline)`; in the
 /// JSON format one object for stdout, `{"errorCode":404103,"message":"..."}`, with
 /// `errorCode` null when the failure has no IoT Hub code (the broker was not reached).
-pub fn error(format: Format, error: &CallError) -> String {
+/// `paint` colours the human format's `error:`.
+pub fn error(format: Format, error: &CallError, paint: Paint) -> String {
     match format {
         Format::Human { .. } => match error.service_error() {
-            Some(service) => format!("error: {error} ({} {})\n", service.code(), service.name()),
-            None => format!("error: {error}\n"),
+            Some(service) => failure(
+                &format!("{error} ({} {})", service.code(), service.name()),
+                paint,
+            ),
+            None => failure(&error.to_string(), paint),
         },
         Format::Json => {
             #[derive(Serialize)]
@@ -74,26 +157,39 @@ pub fn error(format: Format, error: &CallError) -> String {
     }
 }
 
+/// One line for stderr saying what failed: `error: <what>`.
+pub fn failure(what: &str, paint: Paint) -> String {
+    format!("{} {what}\n", paint.paint(style::BAD, "error:"))
+}
+
 /// A response payload as JSON text: the device's JSON re-laid out, or, when the device
 /// sent something that is not JSON, that text as a JSON string.
-fn payload_text(payload: &ResponsePayload, pretty: bool) -> String {
+pub fn payload_text(payload: &ResponsePayload, pretty: bool, paint: Paint) -> String {
     match payload {
-        ResponsePayload::Json(json) => relayout(json, pretty),
+        ResponsePayload::Json(json) => relayout(json, pretty, paint),
         ResponsePayload::NotJson(text) => {
             serde_json::to_string(text).unwrap_or_else(|_| String::from("null"))
         }
     }
 }
 
+/// A string as a JSON string.
+pub fn json_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| String::from("null"))
+}
+
 /// Lays out JSON text, which must be one valid JSON document, without parsing it:
 /// whitespace between tokens is dropped, and with `pretty` put back as two-space
-/// indentation (as `serde_json::to_string_pretty` does). Strings are copied as they are.
-fn relayout(json: &str, pretty: bool) -> String {
+/// indentation (as `serde_json::to_string_pretty` does). Strings are copied as they are;
+/// `paint` colours keys and string values as jq does.
+fn relayout(json: &str, pretty: bool, paint: Paint) -> String {
     let bytes = json.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
+    // Where in `out` the string being copied began.
+    let mut string_start = 0;
     let newline = |out: &mut Vec<u8>, depth: usize| {
         out.push(b'\n');
         out.resize(out.len() + 2 * depth, b' ');
@@ -111,6 +207,17 @@ fn relayout(json: &str, pretty: bool) -> String {
                 escaped = true;
             } else if byte == b'"' {
                 in_string = false;
+                if paint.is_on() {
+                    let is_key =
+                        bytes[i..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+                    let string = out.split_off(string_start);
+                    let style = if is_key { style::KEY } else { style::STRING };
+                    out.extend_from_slice(
+                        paint
+                            .paint(style, &String::from_utf8_lossy(&string))
+                            .as_bytes(),
+                    );
+                }
             }
             continue;
         }
@@ -118,6 +225,7 @@ fn relayout(json: &str, pretty: bool) -> String {
             b' ' | b'\t' | b'\n' | b'\r' => {}
             b'"' => {
                 in_string = true;
+                string_start = out.len();
                 out.push(byte);
             }
             b'{' | b'[' => {
@@ -179,7 +287,12 @@ mod tests {
     #[test]
     fn the_human_format_follows_azures_tutorial() {
         assert_eq!(
-            invoking("my-device", "DeviceMethod", "{ \"method_number\": \"42\" }"),
+            invoking(
+                "my-device",
+                "DeviceMethod",
+                "{ \"method_number\": \"42\" }",
+                Paint::NONE
+            ),
             "Invoking method 'DeviceMethod' on device 'my-device' with payload: {\"method_number\":\"42\"}\n"
         );
         let ok = answer(
@@ -187,7 +300,7 @@ mod tests {
             "{\"Response\": \"This is the response from the device\"}",
         );
         assert_eq!(
-            response(HUMAN, &ok),
+            response(HUMAN, &ok, Paint::NONE),
             "Response status : 200\n\
              Response payload: {\"Response\":\"This is the response from the device\"}\n"
         );
@@ -200,12 +313,12 @@ mod tests {
             r#"{"error":{"code":"methodNotFound","message":"no handler serves 'x'"}}"#,
         );
         assert_eq!(
-            response(HUMAN, &not_found),
+            response(HUMAN, &not_found, Paint::NONE),
             "Response status : 404\n\
              Response payload: {\"error\":{\"code\":\"methodNotFound\",\"message\":\"no handler serves 'x'\"}}\n"
         );
         assert_eq!(
-            response(Format::Json, &not_found),
+            response(Format::Json, &not_found, Paint::NONE),
             "{\"status\":404,\"payload\":{\"error\":{\"code\":\"methodNotFound\",\"message\":\"no handler serves 'x'\"}}}\n"
         );
     }
@@ -216,7 +329,7 @@ mod tests {
             200,
             "{\n  \"n\": 123456789012345678901234567890,\n  \"s\": \"a b\"\n}\n",
         );
-        let out = response(Format::Json, &ok);
+        let out = response(Format::Json, &ok, Paint::NONE);
         assert_eq!(
             out,
             "{\"status\":200,\"payload\":{\"n\":123456789012345678901234567890,\"s\":\"a b\"}}\n"
@@ -224,7 +337,7 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
         assert_eq!(parsed["payload"]["s"], "a b");
         assert_eq!(
-            response(Format::Json, &answer(200, "")),
+            response(Format::Json, &answer(200, ""), Paint::NONE),
             "{\"status\":200,\"payload\":null}\n"
         );
     }
@@ -233,15 +346,15 @@ mod tests {
     fn a_payload_that_is_not_json_is_shown_as_a_json_string() {
         let broken = answer(200, "not \"json\"");
         assert_eq!(
-            response(Format::Json, &broken),
+            response(Format::Json, &broken, Paint::NONE),
             "{\"status\":200,\"payload\":\"not \\\"json\\\"\"}\n"
         );
         assert_eq!(
-            response(HUMAN, &broken),
+            response(HUMAN, &broken, Paint::NONE),
             "Response status : 200\nResponse payload: \"not \\\"json\\\"\"\n"
         );
         let binary = MethodResponse::from_wire(200, &[0xff, b'x']);
-        let out = response(Format::Json, &binary);
+        let out = response(Format::Json, &binary, Paint::NONE);
         serde_json::from_str::<serde_json::Value>(&out).expect("still one JSON object");
     }
 
@@ -250,14 +363,64 @@ mod tests {
         let body = r#"{"a":[1,2,{}],"b":{"c":"x: [y, z]","d":[]},"e":"\"q\\"}"#;
         let value: serde_json::Value = serde_json::from_str(body).expect("valid");
         let expected = serde_json::to_string_pretty(&value).expect("serializes");
-        assert_eq!(relayout(body, true), expected);
+        assert_eq!(relayout(body, true, Paint::NONE), expected);
         assert_eq!(
-            response(PRETTY, &answer(200, body)),
+            response(PRETTY, &answer(200, body), Paint::NONE),
             format!("Response status : 200\nResponse payload: {expected}\n")
         );
-        assert_eq!(relayout(" [ ] ", true), "[]");
-        assert_eq!(relayout("\"caf\u{e9} {,}\"", true), "\"caf\u{e9} {,}\"");
-        assert_eq!(relayout(" 42 ", false), "42");
+        assert_eq!(relayout(" [ ] ", true, Paint::NONE), "[]");
+        assert_eq!(
+            relayout("\"caf\u{e9} {,}\"", true, Paint::NONE),
+            "\"caf\u{e9} {,}\""
+        );
+        assert_eq!(relayout(" 42 ", false, Paint::NONE), "42");
+    }
+
+    #[test]
+    fn on_a_terminal_statuses_keys_and_strings_are_coloured() {
+        let paint = Paint::new(true);
+        let ok = answer(200, r#"{"a":"x: y","n":[1]}"#);
+        let out = response(PRETTY, &ok, paint);
+        let (green, blue, reset) = ("\u{1b}[32m", "\u{1b}[1m\u{1b}[34m", "\u{1b}[0m");
+        assert!(
+            out.contains(&format!("Response status : {green}200{reset}\n")),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(&format!("{blue}\"a\"{reset}: {green}\"x: y\"{reset}")),
+            "{out:?}"
+        );
+        assert!(out.contains(&format!("{blue}\"n\"{reset}: [")), "{out:?}");
+        let failed = response(HUMAN, &answer(500, "{}"), paint);
+        assert!(failed.contains("\u{1b}[1m\u{1b}[31m500"), "{failed:?}");
+        // Without colour, the text is the same but for the escapes.
+        let plain = response(PRETTY, &ok, Paint::NONE);
+        assert_eq!(strip_escapes(&out), plain);
+        assert!(!plain.contains('\u{1b}'));
+        // JSON is never coloured.
+        assert!(!response(Format::Json, &ok, paint).contains('\u{1b}'));
+        assert_eq!(
+            super::error(HUMAN, &CallError::Broker("lost".into()), paint),
+            "\u{1b}[1m\u{1b}[31merror:\u{1b}[0m lost\n"
+        );
+    }
+
+    /// `text` without its ANSI escape sequences.
+    pub(crate) fn strip_escapes(text: &str) -> String {
+        let mut out = String::new();
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     fn errors() -> Vec<(CallError, u32, &'static str)> {
@@ -289,7 +452,7 @@ mod tests {
         let names = ["DeviceNotOnline", "GatewayTimeout", "ArgumentInvalid"];
         for ((error, code, message), name) in errors().into_iter().zip(names) {
             assert_eq!(
-                super::error(HUMAN, &error),
+                super::error(HUMAN, &error, Paint::NONE),
                 format!("error: {message} ({code} {name})\n")
             );
         }
@@ -298,7 +461,7 @@ mod tests {
     #[test]
     fn each_service_error_is_one_json_object_with_its_code() {
         for (error, code, message) in errors() {
-            let out = super::error(Format::Json, &error);
+            let out = super::error(Format::Json, &error, Paint::NONE);
             let parsed: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
             assert_eq!(
                 parsed,
@@ -315,9 +478,13 @@ mod tests {
             reason: "I/O: Connection refused (os error 111)".into(),
         };
         let line = "could not reach the broker at mqtt://127.0.0.1:1: I/O: Connection refused (os error 111)";
-        assert_eq!(super::error(HUMAN, &error), format!("error: {line}\n"));
+        assert_eq!(
+            super::error(HUMAN, &error, Paint::NONE),
+            format!("error: {line}\n")
+        );
         let parsed: serde_json::Value =
-            serde_json::from_str(&super::error(Format::Json, &error)).expect("one JSON object");
+            serde_json::from_str(&super::error(Format::Json, &error, Paint::NONE))
+                .expect("one JSON object");
         assert_eq!(
             parsed,
             serde_json::json!({"errorCode": null, "message": line})

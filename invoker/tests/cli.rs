@@ -41,14 +41,7 @@ async fn start_host(device: &str, broker: Option<&Mosquitto>) -> (TestHost, Hand
     let mut config = match broker {
         Some(mosquitto) => host_config(device, handlers.path(), mosquitto.url()),
         None => {
-            let mut config = host_config(
-                device,
-                handlers.path(),
-                BrokerUrl {
-                    host: String::new(),
-                    port: 0,
-                },
-            );
+            let mut config = host_config(device, handlers.path(), BrokerUrl::tcp("", 0));
             config.broker = None;
             config.listen = ([127, 0, 0, 1], free_port().expect("free port")).into();
             config
@@ -248,10 +241,7 @@ async fn a_device_that_does_not_answer_in_time_gives_504101() {
 #[tokio::test]
 async fn bad_usage_is_one_line_naming_the_problem() {
     let port = free_port().expect("free port");
-    let nowhere = BrokerUrl {
-        host: "127.0.0.1".into(),
-        port,
-    };
+    let nowhere = BrokerUrl::tcp("127.0.0.1", port);
     for (args, needle) in [
         (vec!["call", "d", "m", "{not json"], "payload is not JSON"),
         (
@@ -281,4 +271,77 @@ async fn bad_usage_is_one_line_naming_the_problem() {
     }
     let out = invoker(&nowhere, &["frobnicate"]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_line() {
+    testkit::init_logging();
+    let pki = testkit::TestPki::generate("edge test CA").expect("pki");
+    let other = testkit::TestPki::generate("another CA").expect("pki");
+    let mosquitto = Mosquitto::start_tls(&pki, true).expect("mosquitto with TLS");
+    let broker = BrokerUrl {
+        tls: true,
+        ..mosquitto.url()
+    };
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    let mut config = host_config("tls-cli-device", handlers.path(), broker.clone());
+    config.tls.ca_file = Some(pki.file("ca.pem"));
+    config.tls.cert_file = Some(pki.file("client.pem"));
+    config.tls.key_file = Some(pki.file("client.key"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(edge_host::run(config, async {
+        rx.await.ok();
+    }));
+    let security = edge_proto::transport::Security {
+        tls: edge_proto::transport::TlsFiles {
+            ca_file: Some(pki.file("ca.pem")),
+            cert_file: Some(pki.file("client.pem")),
+            key_file: Some(pki.file("client.key")),
+        },
+        ..Default::default()
+    };
+    testkit::presence_with(
+        &broker,
+        &security,
+        "tls-cli-device",
+        true,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the host comes online over TLS");
+    let tls_args = |pki: &testkit::TestPki| {
+        vec![
+            "--ca-file".to_owned(),
+            pki.file("ca.pem").display().to_string(),
+            "--cert-file".to_owned(),
+            pki.file("client.pem").display().to_string(),
+            "--key-file".to_owned(),
+            pki.file("client.key").display().to_string(),
+        ]
+    };
+    let mut args = tls_args(&pki);
+    args.extend(["--json", "call", "tls-cli-device", "echo", "7"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = invoker(&broker, &args).await;
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), r#"{"status":200,"payload":7}"#),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut args = tls_args(&other);
+    args.extend(["call", "tls-cli-device", "echo", "7"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = invoker(&broker, &args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("UnknownIssuer"), "{stderr}");
+    tx.send(()).ok();
+    host.await.expect("host task").expect("clean stop");
 }

@@ -1,4 +1,5 @@
-//! Where the broker is: `mqtt://host:port`, as the host and the invoker take it.
+//! Where the broker is: `mqtt://host:port`, or `mqtts://host:port` over TLS, as the
+//! host and the invoker take it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,18 +7,34 @@ use std::str::FromStr;
 /// The MQTT port when a URL names none.
 pub const DEFAULT_PORT: u16 = 1883;
 
-/// A broker address parsed from `mqtt://host[:port]`.
+/// The MQTT-over-TLS port when an `mqtts://` URL names none.
+pub const DEFAULT_TLS_PORT: u16 = 8883;
+
+/// A broker address parsed from `mqtt://host[:port]` or `mqtts://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Whether the URL asks for TLS (`mqtts://`).
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    /// A plain-TCP URL for `host:port`.
+    pub fn tcp(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            tls: false,
+        }
+    }
 }
 
 /// Why a broker URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid broker URL {url:?}: {reason} (expected mqtt://host:port)")]
+#[error("invalid broker URL {url:?}: {reason} (expected mqtt://host:port or mqtts://host:port)")]
 pub struct BrokerUrlError {
     url: String,
     reason: &'static str,
@@ -31,16 +48,26 @@ impl FromStr for BrokerUrl {
             url: url.to_owned(),
             reason,
         };
-        let rest = url
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| fail("only the mqtt:// scheme is supported"))?;
+        let (rest, tls) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(fail("the scheme must be mqtt:// or mqtts://")),
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') || rest.contains('@') {
             return Err(fail("a path or user info is not allowed"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(|| fail("unclosed '['"))?;
-            (host, after.strip_prefix(':'))
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| fail("junk after ']'"))?,
+                ),
+            };
+            (host, port)
         } else {
             match rest.rsplit_once(':') {
                 Some((host, port)) => (host, Some(port)),
@@ -56,21 +83,24 @@ impl FromStr for BrokerUrl {
                 .ok()
                 .filter(|&p| p != 0)
                 .ok_or_else(|| fail("the port is not a number from 1 to 65535"))?,
+            None if tls => DEFAULT_TLS_PORT,
             None => DEFAULT_PORT,
         };
         Ok(Self {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -84,31 +114,31 @@ mod tests {
     }
 
     #[test]
-    fn parses_host_and_port() {
+    fn parses_host_port_and_scheme() {
         assert_eq!(
             parse("mqtt://127.0.0.1:1884"),
-            Ok(BrokerUrl {
-                host: "127.0.0.1".into(),
-                port: 1884
-            })
+            Ok(BrokerUrl::tcp("127.0.0.1", 1884))
         );
         assert_eq!(
             parse("mqtt://broker.local"),
+            Ok(BrokerUrl::tcp("broker.local", 1883))
+        );
+        assert_eq!(parse("mqtt://[::1]:1885/"), Ok(BrokerUrl::tcp("::1", 1885)));
+        assert_eq!(
+            parse("mqtts://broker.local"),
             Ok(BrokerUrl {
                 host: "broker.local".into(),
-                port: 1883
-            })
-        );
-        assert_eq!(
-            parse("mqtt://[::1]:1885/"),
-            Ok(BrokerUrl {
-                host: "::1".into(),
-                port: 1885
+                port: 8883,
+                tls: true
             })
         );
         assert_eq!(
             parse("mqtt://[::1]:1885").map(|u| u.to_string()),
             Ok("mqtt://[::1]:1885".into())
+        );
+        assert_eq!(
+            parse("mqtts://h:9").map(|u| u.to_string()),
+            Ok("mqtts://h:9".into())
         );
     }
 
@@ -123,6 +153,7 @@ mod tests {
             "mqtt://h:x",
             "mqtt://h/topic",
             "mqtt://u@h",
+            "mqtt://[::1]junk",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be refused");
         }

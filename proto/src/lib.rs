@@ -6,6 +6,7 @@
 //! - [`broker`]: the broker address, `mqtt://host:port`.
 //! - [`topic`]: the per-device namespace and Azure IoT Hub's direct-method topics under
 //!   it: building them and parsing them back, with the names checked.
+//! - [`transport`]: TLS and credentials, applied to the MQTT client's options.
 //! - [`status`]: the statuses and error bodies the host answers with itself, and the
 //!   service-side error codes a caller sees (404103, 504101, 400004).
 //! - [`message`]: the retained presence and method-catalog documents, and the payload
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod message;
 pub mod status;
 pub mod topic;
+pub mod transport;
 
 pub use broker::BrokerUrl;
 pub use message::{

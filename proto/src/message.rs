@@ -14,8 +14,8 @@ pub const MAX_PAYLOAD: usize = 128 * 1024;
 pub struct Presence {
     /// Whether the device takes calls now.
     pub online: bool,
-    /// When this state began (RFC 3339, UTC), when the sender knew it; the MQTT will
-    /// is written at connect time, so it carries none.
+    /// When this state began (RFC 3339, UTC): set when online and on a clean shutdown;
+    /// the MQTT will is written at connect time, so it carries none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
     /// Why the device went offline: `shutdown` or `connection-lost`.

@@ -24,6 +24,8 @@ pub enum ErrorCode {
     InvalidResponse,
     /// 503: too many calls are in flight.
     TooManyCalls,
+    /// 503: the device is shutting down.
+    ShuttingDown,
     /// 504: the handler ran past its deadline.
     DeadlineExceeded,
 }
@@ -36,7 +38,7 @@ impl ErrorCode {
             Self::MethodNotFound => 404,
             Self::PayloadTooLarge => 413,
             Self::HandlerFailed | Self::InvalidResponse => 500,
-            Self::TooManyCalls => 503,
+            Self::TooManyCalls | Self::ShuttingDown => 503,
             Self::DeadlineExceeded => 504,
         }
     }
@@ -51,6 +53,7 @@ impl ErrorCode {
             Self::HandlerFailed => "handlerFailed",
             Self::InvalidResponse => "invalidResponse",
             Self::TooManyCalls => "tooManyCalls",
+            Self::ShuttingDown => "shuttingDown",
             Self::DeadlineExceeded => "deadlineExceeded",
         }
     }

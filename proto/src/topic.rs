@@ -75,6 +75,12 @@ pub enum NameError {
     /// The namespace template is not empty and does not end with `/`.
     #[error("namespace {0:?} must be empty or end with '/'")]
     NamespaceEnd(String),
+    /// The namespace template does not hold `{device-id}` once as a whole topic level,
+    /// so no MQTT wildcard stands for every device.
+    #[error(
+        "namespace {0:?} does not hold {{device-id}} once as a whole topic level, so devices cannot be read all at once"
+    )]
+    NoDeviceLevel(String),
 }
 
 impl Namespace {
@@ -106,6 +112,38 @@ impl Namespace {
     /// When the device id is not a valid IoT Hub device id.
     pub fn for_device(device_id: &str) -> Result<Self, NameError> {
         Self::new(DEFAULT_NAMESPACE, device_id)
+    }
+
+    /// The prefix of every device's namespace under `template` at once, with MQTT's
+    /// single-level wildcard `+` for the device id: `devices/+/` for the default
+    /// template. A caller subscribes to it followed by `$edge/presence` to read every
+    /// device's presence; the device id is the topic level at
+    /// [`Namespace::device_level`].
+    ///
+    /// # Errors
+    /// [`NameError::NoDeviceLevel`] when `{device-id}` is not in the template exactly
+    /// once as a whole topic level (`site-{device-id}/` cannot be a wildcard), and the
+    /// errors of [`Namespace::new`] for a template that holds a wildcard or does not end
+    /// with `/`.
+    pub fn any_device(template: &str) -> Result<String, NameError> {
+        let whole_level = template
+            .split('/')
+            .filter(|level| level.contains(DEVICE_ID_PLACEHOLDER))
+            .collect::<Vec<_>>();
+        if whole_level != [DEVICE_ID_PLACEHOLDER] {
+            return Err(NameError::NoDeviceLevel(template.to_owned()));
+        }
+        // Any valid device id checks the rest of the template.
+        Self::new(template, "d")?;
+        Ok(template.replace(DEVICE_ID_PLACEHOLDER, "+"))
+    }
+
+    /// Which topic level (from 0) of a topic under `template` is the device id, when
+    /// [`Namespace::any_device`] accepts the template.
+    pub fn device_level(template: &str) -> Option<usize> {
+        template
+            .split('/')
+            .position(|level| level == DEVICE_ID_PLACEHOLDER)
     }
 
     /// The prefix itself, such as `devices/my-device/`.
@@ -588,6 +626,42 @@ mod tests {
         assert_eq!(p("devices/d/$iothub/methods/res/200/?$rid="), None);
         assert_eq!(p("devices/d/$iothub/methods/POST/m/?$rid=1"), None);
         assert_eq!(p("devices/d/$edge/presence"), None);
+    }
+
+    #[test]
+    fn every_devices_namespace_is_one_wildcard_level() {
+        assert_eq!(
+            Namespace::any_device(DEFAULT_NAMESPACE).expect("default"),
+            "devices/+/"
+        );
+        assert_eq!(Namespace::device_level(DEFAULT_NAMESPACE), Some(1));
+        let site = "site-1/{device-id}/edge/";
+        assert_eq!(
+            Namespace::any_device(site).expect("custom"),
+            "site-1/+/edge/"
+        );
+        assert_eq!(Namespace::device_level(site), Some(1));
+        assert_eq!(Namespace::any_device("{device-id}/").expect("first"), "+/");
+        assert_eq!(Namespace::device_level("{device-id}/"), Some(0));
+        for bad in [
+            "",
+            "devices/",
+            "site-{device-id}/",
+            "{device-id}/{device-id}/",
+        ] {
+            assert_eq!(
+                Namespace::any_device(bad),
+                Err(NameError::NoDeviceLevel(bad.to_owned())),
+                "{bad}"
+            );
+        }
+        assert!(Namespace::any_device("a/+/{device-id}/").is_err());
+        assert!(Namespace::any_device("devices/{device-id}").is_err());
+        // The level of a real topic is the device id.
+        let topic = Namespace::new(site, "pump-7")
+            .expect("valid")
+            .presence_topic();
+        assert_eq!(topic.split('/').nth(1), Some("pump-7"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use edge_proto::transport::Security;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use tempfile::TempDir;
 
@@ -109,17 +110,36 @@ impl Mosquitto {
     /// # Errors
     /// When Mosquitto is not installed or does not start listening.
     pub fn start_with(extra: &str) -> anyhow::Result<Self> {
+        Self::start_listener(&format!("allow_anonymous true\n{extra}"))
+    }
+
+    /// Starts Mosquitto with `listener_config` right after its `listener` line (so
+    /// listener options such as TLS files apply to it). Anonymous clients are refused
+    /// unless the configuration says `allow_anonymous true`.
+    ///
+    /// # Errors
+    /// When Mosquitto is not installed or does not start listening.
+    pub fn start_listener(listener_config: &str) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = tempfile::tempdir().context("creating Mosquitto's folder")?;
         let conf = dir.path().join("mosquitto.conf");
+        // TESTKIT_MOSQUITTO_LOG=all shows every packet when a test needs looking into.
+        let log_types = std::env::var("TESTKIT_MOSQUITTO_LOG")
+            .map(|types| format!("log_type {types}\n"))
+            .unwrap_or_else(|_| "log_type error\nlog_type warning\n".to_owned());
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
-                 persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+                "per_listener_settings false\nset_tcp_nodelay true\npersistence false\n\
+                 log_dest stderr\n{log_types}listener {port} 127.0.0.1\n{listener_config}\n"
             ),
         )?;
         Self::spawn(port, dir)
+    }
+
+    /// The folder holding the broker's configuration, for files it refers to.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn spawn(port: u16, dir: TempDir) -> anyhow::Result<Self> {
@@ -140,10 +160,7 @@ impl Mosquitto {
 
     /// The broker's URL.
     pub fn url(&self) -> BrokerUrl {
-        BrokerUrl {
-            host: "127.0.0.1".into(),
-            port: self.port,
-        }
+        BrokerUrl::tcp("127.0.0.1", self.port)
     }
 }
 
@@ -220,10 +237,7 @@ impl TestHost {
     pub async fn start(config: edge_host::Config) -> anyhow::Result<Self> {
         let broker = match &config.broker {
             Some(url) => url.clone(),
-            None => BrokerUrl {
-                host: config.listen.ip().to_string(),
-                port: config.listen.port(),
-            },
+            None => BrokerUrl::tcp(config.listen.ip().to_string(), config.listen.port()),
         };
         let device_id = config.device_id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -273,10 +287,25 @@ pub async fn presence(
     online: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    presence_with(broker, &Security::default(), device_id, online, timeout).await
+}
+
+/// Like [`presence`], connecting with `security` (TLS files, credentials).
+///
+/// # Errors
+/// When the broker cannot be reached or the presence does not match within `timeout`.
+pub async fn presence_with(
+    broker: &BrokerUrl,
+    security: &Security,
+    device_id: &str,
+    online: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let topic = Namespace::for_device(device_id)?.presence_topic();
     let client_id = format!("testkit-presence-{}-{}", std::process::id(), free_port()?);
     let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
     options.set_keep_alive(Duration::from_secs(5));
+    security.apply(broker, &mut options)?;
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
     let wait = async {
         loop {
@@ -321,11 +350,29 @@ impl RawClient {
     /// # Errors
     /// When the broker cannot be reached or does not acknowledge within 10 s.
     pub async fn connect(broker: &BrokerUrl, filters: &[String]) -> anyhow::Result<Self> {
+        Self::connect_as(broker, filters, None).await
+    }
+
+    /// Like [`RawClient::connect`], logged in as `login` (username, password).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or does not acknowledge within 10 s.
+    pub async fn connect_as(
+        broker: &BrokerUrl,
+        filters: &[String],
+        login: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
+        let security = Security {
+            username: login.map(|(username, _)| username.to_owned()),
+            password: login.map(|(_, password)| password.to_owned()),
+            ..Security::default()
+        };
         let client_id = format!("testkit-raw-{}-{}", std::process::id(), free_port()?);
         let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(4 << 20, 4 << 20);
+        security.apply(broker, &mut options)?;
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -571,5 +618,62 @@ pub async fn catalog_until(
             bail!("the catalog never got there; last: {catalog:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A certificate authority of the test's own, with a server certificate for
+/// 127.0.0.1/localhost and a client certificate, as PEM files in a temporary folder.
+pub struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    /// Generates a CA named `name` and the certificates it signs.
+    ///
+    /// # Errors
+    /// When generating or writing fails.
+    pub fn generate(name: &str) -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let dir = tempfile::tempdir()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        for (file, names) in [
+            (
+                "server",
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            ),
+            ("client", vec!["edge-test-client".to_owned()]),
+        ] {
+            let key = KeyPair::generate()?;
+            let cert = CertificateParams::new(names)?.signed_by(&key, &ca)?;
+            std::fs::write(dir.path().join(format!("{file}.pem")), cert.pem())?;
+            std::fs::write(dir.path().join(format!("{file}.key")), key.serialize_pem())?;
+        }
+        Ok(Self { dir })
+    }
+
+    /// A file of the PKI: `ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with a TLS listener using `pki`'s server certificate; with
+    /// `require_client_cert`, clients must present a certificate the CA signed.
+    ///
+    /// # Errors
+    /// When Mosquitto is not installed or does not start listening.
+    pub fn start_tls(pki: &TestPki, require_client_cert: bool) -> anyhow::Result<Self> {
+        Self::start_listener(&format!(
+            "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_client_cert}\n",
+            pki.file("ca.pem").display(),
+            pki.file("server.pem").display(),
+            pki.file("server.key").display(),
+        ))
     }
 }

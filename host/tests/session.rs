@@ -1,0 +1,271 @@
+//! The MQTT session survives faults: a broker restart mid-load, a host killed hard, a
+//! clean shutdown with calls in flight. Real Mosquitto, the real `edge-host` binary
+//! where signals matter, edge-invoker's Caller as the client.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
+use edge_proto::Namespace;
+use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, host_config, presence};
+
+/// Starts the real `edge-host` binary for `device` on `broker`, serving `handlers`.
+fn spawn_host(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_edge-host"))
+        .args([
+            "--device-id",
+            device,
+            "--broker",
+            &broker.url().to_string(),
+            "--no-cache",
+        ])
+        .arg("--handlers")
+        .arg(handlers.path())
+        .env(
+            "RUST_LOG",
+            std::env::var("HOST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("edge-host starts")
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_load_is_survived_and_no_call_is_answered_twice() {
+    testkit::init_logging();
+    let mut broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    let host = TestHost::start(host_config("restart-device", handlers.path(), broker.url()))
+        .await
+        .expect("host starts");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+    // A witness of every answer on the wire, to catch one answered twice.
+    let ns = Namespace::for_device("restart-device").expect("valid");
+    let witness = Arc::new(tokio::sync::Mutex::new(
+        RawClient::connect(&broker.url(), &[ns.response_filter()])
+            .await
+            .expect("witness"),
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (caller, stop) = (caller.clone(), Arc::clone(&stop));
+        load.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut request = CallRequest::new("restart-device", "echo", "1");
+            request.response_timeout = Duration::from_secs(5);
+            while !stop.load(Ordering::Relaxed) {
+                let outcome =
+                    tokio::time::timeout(Duration::from_secs(10), caller.call(&request)).await;
+                outcomes.push((
+                    Instant::now(),
+                    outcome.expect("a call never hangs past its timeout"),
+                ));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.restart().expect("mosquitto comes back");
+    let restarted = Instant::now();
+    // The witness lost its connection too; it sees everything from here on.
+    *witness.lock().await = RawClient::connect(&broker.url(), &[ns.response_filter()])
+        .await
+        .expect("witness");
+
+    // Served again within a few seconds.
+    let served_again = loop {
+        let mut request = CallRequest::new("restart-device", "echo", "2");
+        request.response_timeout = Duration::from_secs(5);
+        if let Ok(response) = caller.call(&request).await {
+            assert_eq!(response.status, 200);
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(20),
+            "never served again after the restart"
+        );
+    };
+    // Longer than a response timeout, so that every load task, even one whose call was
+    // lost with the old connection, gets to call again after the restart.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for task in load {
+        outcomes.extend(task.await.expect("load task"));
+    }
+    for (_, outcome) in &outcomes {
+        match outcome {
+            Ok(response) => assert_eq!(response.status, 200),
+            Err(CallError::Timeout { .. }) => {} // in flight at the restart: 504101
+            Err(other) => panic!("a call ended otherwise than with an answer or 504101: {other}"),
+        }
+    }
+    assert!(
+        outcomes.iter().any(|(at, o)| *at > restarted && o.is_ok()),
+        "the load was served after the restart"
+    );
+
+    let mut answers: HashMap<String, usize> = HashMap::new();
+    let mut witness = witness.lock().await;
+    while let Ok((topic, _)) = witness
+        .next_where(Duration::from_millis(200), |_| true)
+        .await
+    {
+        let rid = ns
+            .parse_response(&topic)
+            .expect("response topic")
+            .request_id
+            .to_owned();
+        *answers.entry(rid).or_default() += 1;
+    }
+    assert!(
+        !answers.is_empty(),
+        "the witness saw the answers after the restart"
+    );
+    assert!(
+        answers.values().all(|&n| n == 1),
+        "a call was answered twice: {answers:?}"
+    );
+    tracing_note(served_again);
+    host.stop().await.expect("clean stop");
+}
+
+fn tracing_note(served_again: Duration) {
+    eprintln!(
+        "served again {} ms after the broker restart",
+        served_again.as_millis()
+    );
+}
+
+#[tokio::test]
+async fn a_host_killed_hard_is_reported_not_online_at_once() {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    let mut host = spawn_host("killed-device", &handlers, &broker);
+    presence(
+        &broker.url(),
+        "killed-device",
+        true,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("online");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+    assert_eq!(
+        caller
+            .call(&CallRequest::new("killed-device", "echo", "1"))
+            .await
+            .expect("served")
+            .status,
+        200
+    );
+
+    signal(&host, "-KILL");
+    host.wait().expect("reaped");
+    // The broker publishes the host's will as soon as the connection drops.
+    presence(
+        &broker.url(),
+        "killed-device",
+        false,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("offline by will");
+    let started = Instant::now();
+    let outcome = caller
+        .call(&CallRequest::new("killed-device", "echo", "1"))
+        .await;
+    assert!(
+        matches!(outcome, Err(CallError::NotOnline { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        outcome.as_ref().err().and_then(CallError::code),
+        Some(404103)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "at once, not after the 30 s response timeout"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["misbehave"]).expect("handlers");
+    let mut host = spawn_host("stopping-device", &handlers, &broker);
+    presence(
+        &broker.url(),
+        "stopping-device",
+        true,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("online");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let caller = caller.clone();
+            tokio::spawn(async move {
+                caller
+                    .call(&CallRequest::new(
+                        "stopping-device",
+                        "sleep",
+                        r#"{"ms":1500}"#,
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&host, "-TERM");
+    for call in calls {
+        let response = call
+            .await
+            .expect("call task")
+            .expect("answered despite the shutdown");
+        assert_eq!(response.status, 200);
+    }
+    let status = tokio::task::spawn_blocking(move || host.wait())
+        .await
+        .expect("join")
+        .expect("exit");
+    assert_eq!(status.code(), Some(0), "a clean shutdown exits 0");
+    presence(
+        &broker.url(),
+        "stopping-device",
+        false,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("offline");
+    let outcome = caller
+        .call(&CallRequest::new("stopping-device", "count", "null"))
+        .await;
+    assert!(
+        matches!(outcome, Err(CallError::NotOnline { .. })),
+        "{outcome:?}"
+    );
+}

@@ -1,0 +1,438 @@
+//! A broadcast job: one method called on many devices, a bounded number at a time, as
+//! IoT Hub's scheduleDeviceMethod does. Every device chosen gets exactly one
+//! [`DeviceResult`]: its answer, or why there is none. A device that is not online
+//! fails at once with 404103 (unless the connect timeout lets it come online), so
+//! offline devices cost the job nothing.
+//!
+//! Which devices: [`select`] expands patterns over the devices whose presence the
+//! broker holds, and adds the ids named outright (a literal `--devices` or a line of
+//! `--devices-file`), which are called whatever the broker knows of them, as `call`
+//! does.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use edge_proto::NameError;
+use edge_proto::topic::check_device_id;
+use tokio::task::JoinSet;
+
+use crate::call::{CallError, CallRequest, MethodResponse};
+use crate::caller::Caller;
+use crate::exit::Exit;
+use crate::fleet::DeviceState;
+use crate::pattern::DevicePattern;
+
+/// The calls in flight at once when the command line does not say.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// The outcome of the job's call on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceResult {
+    /// The device called.
+    pub device: String,
+    /// What it answered, or why there is no answer.
+    pub outcome: Result<MethodResponse, CallError>,
+    /// How long the call took, from the start of its turn to its end.
+    pub elapsed: Duration,
+}
+
+/// How one device's call ended, as the job's totals count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The device answered with a 2xx status.
+    Succeeded,
+    /// The device answered with another status, or the call failed otherwise (the
+    /// broker was lost).
+    Failed,
+    /// The device is not online (404103).
+    NotOnline,
+    /// The device did not answer in time (504101).
+    TimedOut,
+}
+
+impl Outcome {
+    /// How `result` counts.
+    pub fn of(result: &DeviceResult) -> Self {
+        match &result.outcome {
+            Ok(response) if response.is_success() => Self::Succeeded,
+            Ok(_) => Self::Failed,
+            Err(CallError::NotOnline { .. }) => Self::NotOnline,
+            Err(CallError::Timeout { .. }) => Self::TimedOut,
+            Err(_) => Self::Failed,
+        }
+    }
+}
+
+/// How many devices ended which way; they add up to the devices called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Answered 2xx.
+    pub succeeded: usize,
+    /// Answered another status, or failed otherwise.
+    pub failed: usize,
+    /// Not online.
+    pub not_online: usize,
+    /// No answer in time.
+    pub timed_out: usize,
+}
+
+impl Totals {
+    /// The totals of `results`.
+    pub fn of(results: &[DeviceResult]) -> Self {
+        let mut totals = Self::default();
+        for result in results {
+            totals.add(Outcome::of(result));
+        }
+        totals
+    }
+
+    /// Counts one more device.
+    pub fn add(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Succeeded => self.succeeded += 1,
+            Outcome::Failed => self.failed += 1,
+            Outcome::NotOnline => self.not_online += 1,
+            Outcome::TimedOut => self.timed_out += 1,
+        }
+    }
+
+    /// How many devices were counted.
+    pub fn devices(&self) -> usize {
+        self.succeeded + self.failed + self.not_online + self.timed_out
+    }
+}
+
+/// The exit of a job: success only when every device answered 2xx; a failure of the
+/// session (the broker lost) before one that only some devices had.
+pub fn exit(results: &[DeviceResult]) -> Exit {
+    let lost = results.iter().any(|r| {
+        matches!(
+            r.outcome,
+            Err(CallError::Connect { .. } | CallError::Broker(_))
+        )
+    });
+    if lost {
+        Exit::Failure
+    } else if results.iter().all(|r| Outcome::of(r) == Outcome::Succeeded) {
+        Exit::Success
+    } else {
+        Exit::DeviceError
+    }
+}
+
+/// Why the devices of a job could not be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// The devices file could not be read.
+    #[error("could not read the devices file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A line of the devices file is not a valid device id.
+    #[error("devices file {path}, line {line}: {reason}")]
+    FileLine {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong with the id.
+        reason: NameError,
+    },
+    /// A `--devices` value without wildcards is not a valid device id.
+    #[error("--devices {pattern}: {reason}")]
+    Literal {
+        /// The value.
+        pattern: String,
+        /// What is wrong with it as a device id.
+        reason: NameError,
+    },
+    /// No device matches: the job would call nobody.
+    #[error("no device to call: {0}")]
+    NoDevice(String),
+}
+
+impl TargetError {
+    /// The exit for this error: no device to call is 3, a bad argument is 2.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::NoDevice(_) => Exit::NotOnline,
+            _ => Exit::Usage,
+        }
+    }
+}
+
+/// Reads a devices file: one device id a line; blank lines and lines starting with `#`
+/// are skipped, and so is the space around an id.
+///
+/// # Errors
+/// [`TargetError::File`] when it cannot be read, [`TargetError::FileLine`] naming the
+/// first line that is not a valid device id.
+pub fn read_devices_file(path: &Path) -> Result<Vec<String>, TargetError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TargetError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut devices = Vec::new();
+    for (at, line) in text.lines().enumerate() {
+        let id = line.trim();
+        if id.is_empty() || id.starts_with('#') {
+            continue;
+        }
+        check_device_id(id).map_err(|reason| TargetError::FileLine {
+            path: path.to_owned(),
+            line: at + 1,
+            reason,
+        })?;
+        devices.push(id.to_owned());
+    }
+    Ok(devices)
+}
+
+/// Checks that every pattern without wildcards is a valid device id, so that a typo is
+/// refused before connecting.
+///
+/// # Errors
+/// [`TargetError::Literal`] naming the first that is not.
+pub fn check_literals(patterns: &[DevicePattern]) -> Result<(), TargetError> {
+    for pattern in patterns.iter().filter(|p| p.is_literal()) {
+        check_device_id(pattern.as_str()).map_err(|reason| TargetError::Literal {
+            pattern: pattern.to_string(),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+/// The devices to call, sorted and each once: the `known` devices that match a
+/// wildcard pattern, the literal patterns, and the ids `named` outright.
+///
+/// # Errors
+/// [`TargetError::Literal`] for a literal pattern that is not a device id;
+/// [`TargetError::NoDevice`] when nothing is left to call.
+pub fn select(
+    patterns: &[DevicePattern],
+    known: &[DeviceState],
+    named: &[String],
+) -> Result<Vec<String>, TargetError> {
+    check_literals(patterns)?;
+    let mut devices = BTreeSet::new();
+    for pattern in patterns {
+        if pattern.is_literal() {
+            devices.insert(pattern.to_string());
+        } else {
+            devices.extend(
+                known
+                    .iter()
+                    .filter(|d| pattern.matches(&d.device))
+                    .map(|d| d.device.clone()),
+            );
+        }
+    }
+    devices.extend(named.iter().cloned());
+    if devices.is_empty() {
+        let wanted = patterns
+            .iter()
+            .map(|p| format!("'{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let why = match (wanted.is_empty(), known.len()) {
+            (true, _) => "the devices file names none".to_owned(),
+            (false, 0) => format!("the broker knows no device, so none matches {wanted}"),
+            (false, n) => format!(
+                "none of the {n} device{} the broker knows matches {wanted}",
+                if n == 1 { "" } else { "s" }
+            ),
+        };
+        return Err(TargetError::NoDevice(why));
+    }
+    Ok(devices.into_iter().collect())
+}
+
+/// Calls `request`'s method with its payload and timeouts on each of `devices` (its own
+/// `device` is ignored), at most `concurrency` at once, on one session. `each` sees
+/// every result as it comes; the results are returned sorted by device.
+pub async fn run(
+    caller: &Caller,
+    request: &CallRequest,
+    devices: &[String],
+    concurrency: usize,
+    mut each: impl FnMut(&DeviceResult),
+) -> Vec<DeviceResult> {
+    let concurrency = concurrency.max(1);
+    let mut queue = devices.iter();
+    let mut calls = JoinSet::new();
+    // Which device each task calls, to report a task that panicked as that device's.
+    let mut running = HashMap::new();
+    let mut results = Vec::with_capacity(devices.len());
+    loop {
+        while calls.len() < concurrency {
+            let Some(device) = queue.next() else { break };
+            let (caller, mut request) = (caller.clone(), request.clone());
+            request.device = device.clone();
+            let task = calls.spawn(async move {
+                let started = Instant::now();
+                let outcome = caller.call(&request).await;
+                DeviceResult {
+                    device: request.device,
+                    outcome,
+                    elapsed: started.elapsed(),
+                }
+            });
+            running.insert(task.id(), device.clone());
+        }
+        let result = match calls.join_next_with_id().await {
+            None => break,
+            Some(Ok((id, result))) => {
+                running.remove(&id);
+                result
+            }
+            Some(Err(error)) => DeviceResult {
+                device: running.remove(&error.id()).unwrap_or_default(),
+                outcome: Err(CallError::Broker(format!("the call failed: {error}"))),
+                elapsed: Duration::ZERO,
+            },
+        };
+        each(&result);
+        results.push(result);
+    }
+    results.sort_by(|a, b| a.device.cmp(&b.device));
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(ids: &[&str]) -> Vec<DeviceState> {
+        ids.iter()
+            .map(|id| DeviceState {
+                device: (*id).to_owned(),
+                presence: None,
+                catalog: None,
+            })
+            .collect()
+    }
+
+    fn patterns(globs: &[&str]) -> Vec<DevicePattern> {
+        globs.iter().map(|g| DevicePattern::new(*g)).collect()
+    }
+
+    #[test]
+    fn patterns_expand_over_known_devices_and_literals_are_called_anyway() {
+        let fleet = known(&["pump-1", "pump-2", "valve-1"]);
+        assert_eq!(
+            select(&patterns(&["pump-*"]), &fleet, &[]).expect("matches"),
+            ["pump-1", "pump-2"]
+        );
+        // Overlapping patterns and names: each device once, sorted.
+        assert_eq!(
+            select(
+                &patterns(&["*-1", "pump-*", "sdk-device"]),
+                &fleet,
+                &["valve-1".to_owned(), "zeta".to_owned()]
+            )
+            .expect("matches"),
+            ["pump-1", "pump-2", "sdk-device", "valve-1", "zeta"]
+        );
+    }
+
+    #[test]
+    fn nothing_to_call_is_an_error_that_says_why() {
+        let error = select(&patterns(&["nope-*"]), &known(&["a", "b"]), &[]).expect_err("none");
+        assert_eq!(
+            error.to_string(),
+            "no device to call: none of the 2 devices the broker knows matches 'nope-*'"
+        );
+        assert_eq!(error.exit(), Exit::NotOnline);
+        let error = select(&patterns(&["x?"]), &[], &[]).expect_err("none");
+        assert_eq!(
+            error.to_string(),
+            "no device to call: the broker knows no device, so none matches 'x?'"
+        );
+        let error = select(&[], &[], &[]).expect_err("none");
+        assert_eq!(
+            error.to_string(),
+            "no device to call: the devices file names none"
+        );
+        let error = select(&patterns(&["a/b"]), &[], &[]).expect_err("bad id");
+        assert!(
+            error
+                .to_string()
+                .starts_with("--devices a/b: device id contains '/'"),
+            "{error}"
+        );
+        assert_eq!(error.exit(), Exit::Usage);
+    }
+
+    #[test]
+    fn a_devices_file_is_one_id_a_line_with_comments() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("devices.txt");
+        std::fs::write(&path, "# plant 7\npump-1\n\n  pump-2  \n#pump-3\n").expect("write");
+        assert_eq!(
+            read_devices_file(&path).expect("reads"),
+            ["pump-1", "pump-2"]
+        );
+        std::fs::write(&path, "pump-1\npump 2\n").expect("write");
+        let error = read_devices_file(&path).expect_err("space");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "devices file {}, line 2: device id contains U+0020, which is not allowed \
+                 (ASCII letters, digits and - . % _ * ? ! ( ) , : = @ $ ')",
+                path.display()
+            )
+        );
+        let missing = dir.path().join("missing.txt");
+        let error = read_devices_file(&missing).expect_err("missing");
+        assert!(
+            error.to_string().starts_with(&format!(
+                "could not read the devices file {}: ",
+                missing.display()
+            )),
+            "{error}"
+        );
+    }
+
+    fn result(device: &str, outcome: Result<MethodResponse, CallError>) -> DeviceResult {
+        DeviceResult {
+            device: device.to_owned(),
+            outcome,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn totals_add_up_and_the_exit_is_success_only_when_all_succeeded() {
+        let ok = result("a", Ok(MethodResponse::from_wire(200, b"{}")));
+        let failed = result("b", Ok(MethodResponse::from_wire(500, b"{}")));
+        let offline = result("c", Err(CallError::NotOnline { device: "c".into() }));
+        let late = result(
+            "d",
+            Err(CallError::Timeout {
+                device: "d".into(),
+                method: "m".into(),
+                after: Duration::from_secs(5),
+            }),
+        );
+        let all = [ok.clone(), failed, offline, late];
+        assert_eq!(
+            Totals::of(&all),
+            Totals {
+                succeeded: 1,
+                failed: 1,
+                not_online: 1,
+                timed_out: 1
+            }
+        );
+        assert_eq!(Totals::of(&all).devices(), 4);
+        assert_eq!(exit(&all), Exit::DeviceError);
+        assert_eq!(exit(std::slice::from_ref(&ok)), Exit::Success);
+        let lost = result("e", Err(CallError::Broker("lost".into())));
+        assert_eq!(exit(&[ok, lost]), Exit::Failure);
+    }
+}
