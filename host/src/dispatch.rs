@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use edge_proto::message::json_payload;
 use edge_proto::{ErrorBody, ErrorCode, PayloadError};
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::Semaphore;
 
 use crate::registry::Registry;
@@ -105,10 +106,10 @@ pub struct DispatchLimits {
     pub max_in_flight: usize,
 }
 
-/// How long past a call's deadline the host waits for the handler's thread before it
-/// answers 504 anyway. Epoch interruption ends running wasm well within it; the wait
-/// covers a handler blocked in a host call (a WASI sleep), whose thread is then left
-/// to finish on its own while the caller already has its answer.
+/// On a current-thread runtime, how long past a call's deadline the host waits for the
+/// handler's thread before it answers 504 anyway. Epoch interruption ends running wasm
+/// well within it; the wait covers a handler blocked in a host call (a WASI sleep),
+/// whose thread is then left to finish on its own while the caller has its answer.
 const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// Runs calls against the handlers in the registry.
@@ -203,16 +204,27 @@ impl Dispatcher {
             time_left_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
         };
         let label = version.label();
-        let call = tokio::task::spawn_blocking(move || {
+        let run = move || {
             // Held until the handler's thread is really done, even if the caller was
             // answered 504 before: the bounds count threads, not answers.
             let _permits = (host_permit, handler_permit);
             version.code.call(&request, deadline)
-        });
-        let response = tokio::time::timeout(deadline + DEADLINE_GRACE, call)
-            .await
-            .map_err(|_| CallError::Deadline(deadline))?
-            .map_err(|e| CallError::Trapped(format!("the call's thread failed: {e}")))??;
+        };
+        let response = match Handle::current().runtime_flavor() {
+            // On the multi-thread runtime the handler runs right here, on this worker
+            // thread, and tokio hands the worker's other tasks to another thread: no
+            // round trip to a blocking thread and back, which cost more than the sandbox
+            // itself (see the README's performance section). Epoch interruption ends wasm
+            // that runs past the deadline; a handler blocked in a host call (a WASI sleep)
+            // is answered 504 when that call returns.
+            RuntimeFlavor::MultiThread => tokio::task::block_in_place(run)?,
+            // Elsewhere (a current-thread runtime cannot block in place), a blocking
+            // thread, with a timer that answers 504 even while the handler is blocked.
+            _ => tokio::time::timeout(deadline + DEADLINE_GRACE, tokio::task::spawn_blocking(run))
+                .await
+                .map_err(|_| CallError::Deadline(deadline))?
+                .map_err(|e| CallError::Trapped(format!("the call's thread failed: {e}")))??,
+        };
         json_payload(response.payload.as_bytes(), self.limits.max_payload)
             .map_err(CallError::InvalidResponse)?;
         let payload = if response.payload.is_empty() {

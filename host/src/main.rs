@@ -153,9 +153,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = args.into_config().and_then(|config| {
-        tokio::runtime::Runtime::new()?
-            .block_on(edge_host::run(config, shutdown_signal()))
-            .map(|_report| ())
+        // The host runs as a task on a worker thread, not on the main thread that
+        // block_on polls: that one is woken through the worker that took the socket
+        // event, an extra thread hop on every call.
+        tokio::runtime::Runtime::new()?.block_on(async {
+            tokio::spawn(edge_host::run(config, shutdown_signal()))
+                .await
+                .map_err(|e| anyhow::anyhow!("the host task failed: {e}"))?
+                .map(|_report| ())
+        })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

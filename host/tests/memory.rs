@@ -16,7 +16,7 @@ fn rss() -> usize {
     kib * 1024
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_memory_stays_bounded_through_exhaustion_and_floods() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");

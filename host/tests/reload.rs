@@ -90,7 +90,7 @@ async fn catalog(broker: &Mosquitto) -> Catalog {
         .expect("retained catalog")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_atomic_rename_under_load_swaps_versions_without_a_failed_call() {
     let s = setup(&[]).await;
     assert_eq!(version(&s.caller).await, "a");
@@ -158,7 +158,7 @@ async fn an_atomic_rename_under_load_swaps_versions_without_a_failed_call() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_in_pieces_is_never_served_half() {
     let s = setup(&[]).await;
     let bytes = std::fs::read(guest("version-b")).expect("built guest");
@@ -197,7 +197,7 @@ async fn a_file_written_in_pieces_is_never_served_half() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_file_keeps_the_last_good_version_until_a_good_one_comes() {
     let s = setup(&[]).await;
     let path = s.handlers.path().join("version.wasm");
@@ -228,7 +228,7 @@ async fn a_broken_file_keeps_the_last_good_version_until_a_good_one_comes() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_file_unregisters_its_methods_and_adding_it_back_serves_again() {
     let s = setup(&["echo"]).await;
     let path = s.handlers.path().join("version.wasm");
@@ -256,7 +256,7 @@ async fn deleting_a_file_unregisters_its_methods_and_adding_it_back_serves_again
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_file_claiming_a_served_method_is_refused() {
     let s = setup(&[]).await;
     deploy_atomically(Ok("version-b"), &s.handlers.path().join("impostor.wasm"));
@@ -275,7 +275,7 @@ async fn a_second_file_claiming_a_served_method_is_refused() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_sidecar_reloads_the_handler_with_its_new_config() {
     let s = setup(&["device-info"]).await;
     let model =
@@ -293,7 +293,7 @@ async fn a_changed_sidecar_reloads_the_handler_with_its_new_config() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_a_warm_cache_compiles_nothing_and_a_corrupt_entry_is_rebuilt() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");

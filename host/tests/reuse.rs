@@ -55,14 +55,14 @@ impl Setup {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_opt_in_every_call_gets_a_fresh_instance() {
     let mut s = setup(None).await;
     assert_eq!(s.counts(3).await, [1, 1, 1]);
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_instance_serves_until_a_trap_or_a_deadline_retires_it() {
     let mut s = setup(Some("reuse = true\ntimeout_ms = 300\n")).await;
     assert_eq!(
@@ -93,14 +93,14 @@ async fn a_warm_instance_serves_until_a_trap_or_a_deadline_retires_it() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_instance_serves_a_bounded_number_of_calls() {
     let mut s = setup(Some("reuse = true\nreuse_max_calls = 2\n")).await;
     assert_eq!(s.counts(5).await, [1, 2, 1, 2, 1]);
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_retires_the_old_versions_warm_instances() {
     let mut s = setup(Some("reuse = true\n")).await;
     assert_eq!(s.counts(2).await, [1, 2]);

@@ -95,7 +95,7 @@ fn error(body: &Value) -> (&str, &str) {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_costs_only_its_call_and_is_answered_504() {
     let mut s = setup(&[("echo", None), ("misbehave", Some("timeout_ms = 400"))]).await;
     let (status, body) = s.call("spin", "null").await;
@@ -121,10 +121,20 @@ async fn an_endless_loop_costs_only_its_call_and_is_answered_504() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn a_handler_blocked_in_a_wasi_sleep_is_answered_504_at_its_deadline() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocked_in_a_wasi_sleep_past_its_deadline_gets_504_and_blocks_no_one() {
     let mut s = setup(&[("echo", None), ("misbehave", Some("timeout_ms = 300"))]).await;
-    let (status, body) = s.call("sleep", r#"{"ms":3000}"#).await;
+    let rid = s.client.request_id();
+    let topic = s.client.namespace().request_topic("sleep", &rid);
+    s.client
+        .send(&topic, br#"{"ms":2000}"#)
+        .await
+        .expect("send");
+    // While it sleeps in a host call (where epoch interruption cannot reach it), the
+    // host serves others...
+    s.still_serves().await;
+    // ...and the sleeper is ended with 504 as soon as it is back in wasm.
+    let (status, body) = s.client.answer(&rid).await.expect("answered");
     assert_eq!(
         (status, error(&body).0),
         (504, "deadlineExceeded"),
@@ -134,7 +144,7 @@ async fn a_handler_blocked_in_a_wasi_sleep_is_answered_504_at_its_deadline() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_allocates_without_end_hits_its_own_cap() {
     let mut s = setup(&[("echo", None), ("misbehave", Some("max_memory = 8388608"))]).await;
     let (status, body) = s.call("alloc", "null").await;
@@ -159,7 +169,7 @@ async fn a_handler_that_allocates_without_end_hits_its_own_cap() {
     s2.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traps_bad_answers_and_floods_of_output_each_get_their_status() {
     let mut s = setup(&[("echo", None), ("misbehave", None)]).await;
     let (status, body) = s.call("panic", "null").await;
@@ -186,7 +196,7 @@ async fn traps_bad_answers_and_floods_of_output_each_get_their_status() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_over_the_limit_are_answered_413() {
     let mut s = setup(&[("echo", None)]).await;
     let big = format!("\"{}\"", "x".repeat(128 * 1024));
@@ -201,7 +211,7 @@ async fn payloads_over_the_limit_are_answered_413() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_the_bounds_is_answered_200_or_503_and_none_is_lost() {
     let mut s = setup_with(
         &[("echo", None), ("misbehave", Some("max_in_flight = 2"))],
@@ -255,7 +265,7 @@ async fn a_flood_past_the_bounds_is_answered_200_or_503_and_none_is_lost() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasi_gives_nothing_by_default() {
     let mut s = setup(&[("probe", None)]).await;
     let (_, env) = s.call("env", "null").await;
@@ -278,7 +288,7 @@ async fn wasi_gives_nothing_by_default() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_give_exactly_what_they_say() {
     let data = tempfile::tempdir().expect("data folder");
     std::fs::write(data.path().join("reading.txt"), "42").expect("write");
@@ -331,7 +341,7 @@ async fn grants_give_exactly_what_they_say() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_asking_more_than_the_host_allows_fails_to_load_with_why() {
     let mut s = setup(&[
         ("echo", None),

@@ -27,7 +27,7 @@ fn mqtts(broker: &Mosquitto) -> BrokerUrl {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_and_invoker_call_over_mutual_tls() {
     testkit::init_logging();
     let pki = TestPki::generate("edge test CA").expect("pki");
@@ -70,7 +70,7 @@ async fn host_and_invoker_call_over_mutual_tls() {
     host.await.expect("host task").expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_a_certificate_or_with_a_wrong_ca_is_refused_clearly() {
     testkit::init_logging();
     let pki = TestPki::generate("edge test CA").expect("pki");
@@ -165,7 +165,7 @@ fn password_file(dir: &Path, users: &[(&str, &str)]) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_documented_acl_a_device_cannot_read_or_answer_for_another() {
     testkit::init_logging();
     let secrets = tempfile::tempdir().expect("folder");

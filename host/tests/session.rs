@@ -41,7 +41,7 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_load_is_survived_and_no_call_is_answered_twice() {
     testkit::init_logging();
     let mut broker = Mosquitto::start().expect("mosquitto starts");
@@ -152,7 +152,7 @@ fn tracing_note(served_again: Duration) {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_killed_hard_is_reported_not_online_at_once() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");
@@ -207,7 +207,7 @@ async fn a_host_killed_hard_is_reported_not_online_at_once() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");

@@ -57,7 +57,7 @@ fn error_code(body: &Value) -> &str {
         .unwrap_or_else(|| panic!("no error code in {body}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_answers_with_its_status_and_payload() {
     let mut s = setup().await;
     let (status, body) = s
@@ -80,7 +80,7 @@ async fn a_handler_answers_with_its_status_and_payload() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_payload_reaches_the_handler_as_null() {
     let mut s = setup().await;
     let (status, body) = s.call("echo", "e", b"").await;
@@ -88,7 +88,7 @@ async fn an_empty_payload_reaches_the_handler_as_null() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_answers_400_404_and_500_with_error_bodies() {
     let mut s = setup().await;
 
@@ -153,7 +153,7 @@ async fn the_host_answers_400_404_and_500_with_error_bodies() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_cannot_be_answered_are_dropped_and_the_host_serves_on() {
     let mut s = setup().await;
     let prefix = s.ns.prefix().to_owned();
@@ -174,7 +174,7 @@ async fn requests_that_cannot_be_answered_are_dropped_and_the_host_serves_on() {
     s.host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_and_catalog_are_retained_and_shutdown_marks_offline() {
     let s = setup().await;
     let filters = [s.ns.presence_topic(), s.ns.catalog_topic()];
@@ -220,7 +220,7 @@ async fn presence_and_catalog_are_retained_and_shutdown_marks_offline() {
     assert_eq!(presence.reason.as_deref(), Some("shutdown"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_is_not_a_handler_is_reported_and_the_others_serve() {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");

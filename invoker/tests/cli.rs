@@ -114,7 +114,7 @@ async fn statuses_and_bodies(broker: &BrokerUrl, device: &str) {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tutorial_call_prints_what_call_method_on_device_prints() {
     let (host, _handlers) = start_host("my-device", None).await;
     let out = invoker(
@@ -144,14 +144,14 @@ async fn the_tutorial_call_prints_what_call_method_on_device_prints() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_and_bodies_on_the_embedded_broker() {
     let (host, _handlers) = start_host("embedded-device", None).await;
     statuses_and_bodies(&host.broker, "embedded-device").await;
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_and_bodies_through_mosquitto() {
     let mosquitto = Mosquitto::start().expect("mosquitto starts");
     let (host, _handlers) = start_host("mosquitto-device", Some(&mosquitto)).await;
@@ -159,7 +159,7 @@ async fn statuses_and_bodies_through_mosquitto() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_fails_at_once_with_404103() {
     let mosquitto = Mosquitto::start().expect("mosquitto starts");
     let (host, _handlers) = start_host("gone-device", Some(&mosquitto)).await;
@@ -183,7 +183,7 @@ async fn an_offline_device_fails_at_once_with_404103() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_handler_is_ended_in_time_to_answer_504_before_the_caller_gives_up() {
     let mosquitto = Mosquitto::start().expect("mosquitto starts");
     let (host, _handlers) = start_host("slow-device", Some(&mosquitto)).await;
@@ -205,7 +205,7 @@ async fn a_spinning_handler_is_ended_in_time_to_answer_504_before_the_caller_giv
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_does_not_answer_in_time_gives_504101() {
     let mosquitto = Mosquitto::start().expect("mosquitto starts");
     // A device that says it is online and then never answers (wedged, or an old
@@ -238,7 +238,7 @@ async fn a_device_that_does_not_answer_in_time_gives_504101() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_usage_is_one_line_naming_the_problem() {
     let port = free_port().expect("free port");
     let nowhere = BrokerUrl::tcp("127.0.0.1", port);
@@ -273,7 +273,7 @@ async fn bad_usage_is_one_line_naming_the_problem() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_line() {
     testkit::init_logging();
     let pki = testkit::TestPki::generate("edge test CA").expect("pki");

@@ -229,7 +229,7 @@ impl Fleet {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_answers_for_online_offline_and_failing_devices() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
@@ -290,7 +290,7 @@ async fn call_answers_for_online_offline_and_failing_devices() {
     fleet.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_reads_its_payload_from_a_file_or_stdin() {
     let site = Site::new();
     let host = site.pump("pump-1").await;
@@ -332,7 +332,7 @@ async fn call_reads_its_payload_from_a_file_or_stdin() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_lists_every_known_device_online_or_not() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
@@ -407,7 +407,7 @@ async fn devices_lists_every_known_device_online_or_not() {
     fleet.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_follows_the_namespace() {
     let site = Site::new();
     let mut config = host_config("pump-9", site.pumps.path(), site.broker());
@@ -445,7 +445,7 @@ async fn devices_follows_the_namespace() {
     host.await.expect("host task").expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_shows_the_retained_catalog_and_calls_nothing() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
@@ -575,7 +575,7 @@ async fn methods_shows_the_retained_catalog_and_calls_nothing() {
     fleet.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_reports_each_device_once_with_totals() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
@@ -729,7 +729,7 @@ async fn broadcast_reports_each_device_once_with_totals() {
     fleet.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_does_not_wait_for_offline_devices_unless_told_to() {
     let site = Site::new();
     let broker = site.broker();
@@ -804,7 +804,7 @@ async fn broadcast_does_not_wait_for_offline_devices_unless_told_to() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_to_two_dozen_hosts_reports_every_device_exactly_once() {
     let site = Site::new();
     let broker = site.broker();
@@ -892,7 +892,7 @@ async fn broadcast_to_two_dozen_hosts_reports_every_device_exactly_once() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_usage_is_one_line_naming_the_problem_and_nothing_is_sent() {
     // Nothing listens here: a command that tried to connect would exit 5, not 2.
     let nowhere = format!("mqtt://127.0.0.1:{}", free_port().expect("free port"));
@@ -994,7 +994,7 @@ async fn bad_usage_is_one_line_naming_the_problem_and_nothing_is_sent() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_file_gives_defaults_that_flags_and_environment_override() {
     let site = Site::new();
     let host = site.pump("pump-1").await;
@@ -1053,7 +1053,7 @@ async fn the_config_file_gives_defaults_that_flags_and_environment_override() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn colour_only_when_asked_and_never_with_no_color() {
     let site = Site::new();
     let host = site.pump("pump-1").await;
@@ -1092,7 +1092,7 @@ async fn colour_only_when_asked_and_never_with_no_color() {
     host.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_are_printed_for_bash_zsh_and_fish() {
     for (shell, marker) in [
         ("bash", "complete -F _edge__invoker"),
@@ -1123,7 +1123,7 @@ async fn completions_are_printed_for_bash_zsh_and_fish() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_lists_a_fleet_larger_than_the_brokers_message_queue() {
     // Mosquitto queues at most 1000 QoS 1 messages per client beyond its in-flight
     // window and drops the rest; a listing reads retained presence at QoS 0 so that a
@@ -1171,7 +1171,7 @@ async fn devices_lists_a_fleet_larger_than_the_brokers_message_queue() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_keeps_at_most_its_concurrency_in_flight() {
     // Six devices played by one plain MQTT client, which answers only when the test
     // says: the requests it holds unanswered are the job's calls in flight.
