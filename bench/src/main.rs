@@ -1,20 +1,36 @@
 //! `edge-bench`: the project's benchmarks, run by hand (never part of the tests'
 //! pass/fail), each printing its figures beside what they are compared to.
 //!
+//! - [`e2e`]: calls end to end through Mosquitto, edge-host (fresh instance, instance
+//!   reuse) beside the floor, a raw MQTT responder: latency, throughput, CPU, RSS.
+//!   [`load`] is its load generator, [`floor`] the responder.
+//! - [`startup`]: start-up to ready with 20 handlers (compiled-code cache cold and
+//!   warm), and the idle host's RSS.
 //! - [`reload`]: hot swap under steady load: rename → first call served by the new
 //!   version, and failed calls.
 //! - [`sandbox`]: the sandbox cost of one call (fresh Store, instantiate, call,
 //!   teardown), without MQTT.
+//! - [`process`]: the processes under test (the release edge-host, the responder),
+//!   their CPU time and RSS from `/proc`; [`stats`]: percentiles and units.
 //!
-//! Run in release: `cargo run --release -p edge-bench -- <benchmark>`.
+//! `e2e` and `startup` run the release `edge-host` binary beside this one, so build
+//! both first: `cargo build --release -p edge-host -p edge-bench`, then
+//! `target/release/edge-bench <benchmark>`. The others run in this process:
+//! `cargo run --release -p edge-bench -- <benchmark>`.
 
+mod e2e;
+mod floor;
+mod load;
+mod process;
 mod reload;
 mod sandbox;
+mod startup;
 mod stats;
 
 use clap::{Parser, Subcommand};
 
-/// Benchmarks of edge-methods. Run with `cargo run --release -p edge-bench -- ...`.
+/// Benchmarks of edge-methods. Build with `cargo build --release -p edge-host -p
+/// edge-bench`, run `target/release/edge-bench <benchmark>`.
 #[derive(Debug, Parser)]
 #[command(name = "edge-bench")]
 struct Args {
@@ -24,16 +40,39 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Benchmark {
+    /// End to end through Mosquitto: edge-host (fresh, reuse) beside a raw responder.
+    E2e(e2e::Options),
+    /// Start-up to ready with 20 handlers (cache cold and warm), and idle RSS.
+    Startup(startup::Options),
     /// Hot reload under load: swaps a handler by atomic rename, again and again.
     Reload(reload::Options),
     /// The sandbox cost of one call, echo handler, without MQTT.
     Sandbox(sandbox::Options),
+    /// The floor of `e2e`: answers every request with its payload (started by `e2e`).
+    #[command(hide = true)]
+    FloorResponder(floor::Options),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Args::parse().benchmark {
-        Benchmark::Reload(options) => reload::run(options).await,
-        Benchmark::Sandbox(options) => sandbox::run(&options),
-    }
+fn main() -> anyhow::Result<()> {
+    let benchmark = Args::parse().benchmark;
+    // The load generator and the responder each run on the thread that polls their
+    // socket (a current-thread runtime): under a multi-thread runtime's `block_on`,
+    // every message would first wake a worker thread, which then wakes this one.
+    let runtime = match benchmark {
+        Benchmark::E2e(_) | Benchmark::Startup(_) | Benchmark::FloorResponder(_) => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+        }
+        Benchmark::Reload(_) | Benchmark::Sandbox(_) => tokio::runtime::Runtime::new()?,
+    };
+    runtime.block_on(async {
+        match benchmark {
+            Benchmark::E2e(options) => e2e::run(options).await,
+            Benchmark::Startup(options) => startup::run(options).await,
+            Benchmark::Reload(options) => reload::run(options).await,
+            Benchmark::Sandbox(options) => sandbox::run(&options),
+            Benchmark::FloorResponder(options) => floor::run(options).await,
+        }
+    })
 }

@@ -1,0 +1,440 @@
+//! End-to-end calls through Mosquitto, beside their floor. In one run, on one
+//! Mosquitto (TCP_NODELAY on), the same load generator drives in turn:
+//! - the floor: a raw MQTT responder answering each request with its payload
+//!   ([`crate::floor`]), no dispatch, no sandbox;
+//! - edge-host serving the `echo` handler with a fresh instance per call;
+//! - edge-host serving it with instance reuse (a sidecar `echo.toml` saying
+//!   `reuse = true`), or a note that this build does not have it.
+//!
+//! Each is a process of its own, started afresh for each round (5 by default, so that a
+//! slow spell of the machine weighs on all of them and is outvoted); for each: latency
+//! with 1 call in flight, calls per second with 64 in flight, the CPU time it used per
+//! call in that phase and its RSS afterwards, each the median of the rounds', then
+//! the ratios to the floor beside DESIGN.md's targets.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edge_proto::BrokerUrl;
+use testkit::{Mosquitto, guest};
+
+use crate::load::{Errors, Generator, LatencyRun, ThroughputRun};
+use crate::process::{self, DEVICE, Process};
+use crate::stats::{Samples, median, mib, us};
+
+/// The method called: the `echo` handler's, which the floor answers as well.
+const METHOD: &str = "echo";
+
+/// How long calls are kept in flight before the throughput window opens.
+const THROUGHPUT_WARMUP: Duration = Duration::from_secs(1);
+
+/// How long a process under test may take to answer its first call.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Options of the end-to-end benchmark.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Calls timed one at a time (after the warm-up).
+    #[arg(long, default_value_t = 2_000)]
+    calls: usize,
+    /// Calls made one at a time before the timed ones.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// Calls kept in flight for the throughput figure.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Seconds the throughput window lasts (after a second of warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Payload size in bytes (a JSON string).
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Rounds, each starting every subject afresh and measuring it in turn, so that a
+    /// slow spell of the machine weighs on all of them; each figure printed is the
+    /// median of the rounds'.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+/// What answers the calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    /// The raw MQTT responder.
+    Floor,
+    /// edge-host, a fresh instance per call (the default).
+    Fresh,
+    /// edge-host, warm instances reused (the handler's sidecar opts in).
+    Reuse,
+}
+
+impl Subject {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Floor => "floor (raw responder)",
+            Self::Fresh => "edge-host, fresh instance",
+            Self::Reuse => "edge-host, instance reuse",
+        }
+    }
+
+    /// DESIGN.md's targets for (p50, p99, calls/s) as ratios to the floor.
+    fn targets(self) -> [Option<Target>; 3] {
+        match self {
+            Self::Floor => [None; 3],
+            Self::Fresh => [
+                Some(Target::AtMost(1.6)),
+                Some(Target::AtMost(2.5)),
+                Some(Target::AtLeast(0.6)),
+            ],
+            Self::Reuse => [
+                Some(Target::AtMost(1.2)),
+                Some(Target::AtMost(2.0)),
+                Some(Target::AtLeast(0.8)),
+            ],
+        }
+    }
+}
+
+/// A target on a ratio to the floor, from DESIGN.md.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// What one round measured of one subject.
+struct Round {
+    latency: LatencyRun,
+    throughput: ThroughputRun,
+    /// Resident memory of the process after the round, in bytes.
+    rss: u64,
+}
+
+/// One subject measured in one round, or why it cannot be.
+enum Attempt {
+    Measured(Round),
+    Unavailable(String),
+}
+
+/// What all the rounds measured of one subject.
+#[derive(Default)]
+struct Figures {
+    /// Each round's median latency.
+    p50: Vec<Duration>,
+    /// Each round's 99th-percentile latency.
+    p99: Vec<Duration>,
+    /// Each round's calls per second.
+    calls_per_second: Vec<u64>,
+    /// Each round's CPU time per call.
+    cpu_per_call: Vec<Duration>,
+    /// Each round's RSS after the run.
+    rss: Vec<u64>,
+    /// Failed calls, all rounds.
+    errors: Errors,
+}
+
+impl Figures {
+    fn add(&mut self, round: Round) {
+        let latency = Samples::new(round.latency.latencies);
+        self.p50.push(latency.percentile(50.0));
+        self.p99.push(latency.percentile(99.0));
+        self.calls_per_second
+            .push(round.throughput.per_second().round() as u64);
+        self.cpu_per_call.push(round.throughput.cpu_per_call());
+        self.rss.push(round.rss);
+        self.errors.add(&round.latency.errors);
+        self.errors.add(&round.throughput.errors);
+    }
+
+    /// The last round's figures in a few words, to show progress and spread.
+    fn last_round(&self) -> String {
+        let last = |values: &[Duration]| us(values.last().copied().unwrap_or_default());
+        format!(
+            "p50 {:>9}  p99 {:>9}  calls/s {:>6}",
+            last(&self.p50),
+            last(&self.p99),
+            self.calls_per_second.last().copied().unwrap_or_default()
+        )
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            p50: median(&self.p50),
+            p99: median(&self.p99),
+            calls_per_second: median(&self.calls_per_second),
+            cpu_per_call: median(&self.cpu_per_call),
+            rss: median(&self.rss),
+        }
+    }
+}
+
+/// The figures printed for one subject: each the median of the rounds'.
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+    calls_per_second: u64,
+    cpu_per_call: Duration,
+    rss: u64,
+}
+
+/// A subject's figures so far, or why it cannot be measured.
+enum Outcome {
+    Measured(Figures),
+    Unavailable(String),
+}
+
+/// Runs the benchmark and prints its table.
+///
+/// # Errors
+/// When edge-host is not built, Mosquitto does not start, or a process under test
+/// fails to start or to answer.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build of edge-bench measures a debug edge-host; use --release");
+    }
+    process::host_binary()?;
+    let busy = process::check_quiet()?;
+    let broker = Mosquitto::start()?;
+    let payload = format!("\"{}\"", "x".repeat(options.payload.saturating_sub(2)));
+    let mut load = Generator::connect(&broker.url(), DEVICE, METHOD, payload.into_bytes()).await?;
+    let mut results: Vec<(Subject, Outcome)> = [Subject::Floor, Subject::Fresh, Subject::Reuse]
+        .into_iter()
+        .map(|subject| (subject, Outcome::Measured(Figures::default())))
+        .collect();
+    for round in 1..=options.rounds {
+        for (subject, outcome) in &mut results {
+            let Outcome::Measured(figures) = outcome else {
+                continue;
+            };
+            let attempt = measure(*subject, &broker.url(), &mut load, &options)
+                .await
+                .with_context(|| format!("measuring {}", subject.label()))?;
+            match attempt {
+                Attempt::Measured(measured) => {
+                    figures.add(measured);
+                    eprintln!(
+                        "round {round}/{}: {:<27} {}",
+                        options.rounds,
+                        subject.label(),
+                        figures.last_round()
+                    );
+                }
+                Attempt::Unavailable(why) => {
+                    eprintln!(
+                        "round {round}/{}: {:<27} {why}",
+                        options.rounds,
+                        subject.label()
+                    );
+                    *outcome = Outcome::Unavailable(why);
+                }
+            }
+        }
+    }
+    report(&options, &results, busy);
+    Ok(())
+}
+
+/// Starts `subject`, waits until it answers, measures one round and stops it.
+async fn measure(
+    subject: Subject,
+    broker: &BrokerUrl,
+    load: &mut Generator,
+    options: &Options,
+) -> anyhow::Result<Attempt> {
+    let handlers = tempfile::tempdir().context("creating a handlers folder")?;
+    let cache = tempfile::tempdir().context("creating a cache folder")?;
+    let mut process = match subject {
+        Subject::Floor => Process::floor(broker)?,
+        Subject::Fresh | Subject::Reuse => {
+            deploy_echo(handlers.path(), subject == Subject::Reuse)?;
+            Process::host(broker, handlers.path(), cache.path())?
+        }
+    };
+    let status = ready(load, &mut process).await?;
+    if status == 404 && subject == Subject::Reuse {
+        let why = refusal(broker).await;
+        process.stop()?;
+        return Ok(Attempt::Unavailable(why));
+    }
+    anyhow::ensure!(
+        status == 200,
+        "{} answers status {status} to a call of {METHOD}",
+        process.name()
+    );
+    let latency = load.latency(options.warmup, options.calls).await?;
+    let throughput = load
+        .throughput(
+            options.in_flight,
+            THROUGHPUT_WARMUP,
+            Duration::from_secs(options.seconds),
+            || process.cpu_time(),
+        )
+        .await?;
+    process.check_running()?;
+    let rss = process.rss()?;
+    process.stop()?;
+    Ok(Attempt::Measured(Round {
+        latency,
+        throughput,
+        rss,
+    }))
+}
+
+/// Copies the echo handler into `handlers`, with a sidecar opting in to instance
+/// reuse when `reuse`.
+fn deploy_echo(handlers: &Path, reuse: bool) -> anyhow::Result<()> {
+    let wasm = handlers.join("echo.wasm");
+    std::fs::copy(guest("echo"), &wasm)
+        .with_context(|| format!("copying the echo handler to {}", wasm.display()))?;
+    if reuse {
+        let sidecar = handlers.join("echo.toml");
+        std::fs::write(&sidecar, "reuse = true\n")
+            .with_context(|| format!("writing {}", sidecar.display()))?;
+    }
+    Ok(())
+}
+
+/// Calls until the first answer comes, and returns its status.
+async fn ready(load: &mut Generator, process: &mut Process) -> anyhow::Result<u16> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < READY_TIMEOUT {
+        process.check_running()?;
+        if let Some(answer) = load.call_once(Duration::from_millis(250)).await? {
+            return Ok(answer.status);
+        }
+    }
+    anyhow::bail!(
+        "{} did not answer a call within {READY_TIMEOUT:?}",
+        process.name()
+    )
+}
+
+/// Why the host does not serve echo with `reuse = true`, from its catalog's failures.
+async fn refusal(broker: &BrokerUrl) -> String {
+    let failure = testkit::catalog(broker, DEVICE)
+        .await
+        .ok()
+        .and_then(|catalog| {
+            catalog
+                .failures
+                .into_iter()
+                .find(|failure| failure.handler == "echo.wasm")
+        });
+    match failure {
+        Some(failure) => {
+            // A TOML error spans lines (the source, a caret); its last line says why.
+            let error = failure.error.trim();
+            format!(
+                "the host refused echo.toml: {}",
+                error.lines().last().unwrap_or(error)
+            )
+        }
+        None => "echo answers 404 with `reuse = true` in its sidecar".to_owned(),
+    }
+}
+
+/// Prints the figures side by side, then each edge-host row's ratios to the floor.
+fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
+    println!(
+        "end-to-end through Mosquitto (set_tcp_nodelay true), method echo, {} B payload, {} rounds",
+        options.payload, options.rounds
+    );
+    println!(
+        "  @1: {} calls one at a time per round after {} to warm up",
+        options.calls, options.warmup
+    );
+    println!(
+        "  @{}: {} calls in flight for {} s per round after {} s to warm up",
+        options.in_flight,
+        options.in_flight,
+        options.seconds,
+        THROUGHPUT_WARMUP.as_secs()
+    );
+    println!(
+        "  CPU/call (in the @{} window) and RSS (after it) are those of the process that answers",
+        options.in_flight
+    );
+    println!("  each figure is the median of the rounds'; errors are all rounds'");
+    println!(
+        "  CPUs busy with other work in the second before the run: {:.0}%",
+        busy * 100.0
+    );
+    println!();
+    println!(
+        "  {:<27} {:>10} {:>10} {:>11} {:>10} {:>10}  errors",
+        "",
+        "p50 @1",
+        "p99 @1",
+        format!("calls/s @{}", options.in_flight),
+        "CPU/call",
+        "RSS"
+    );
+    let mut summaries = Vec::new();
+    for (subject, outcome) in results {
+        match outcome {
+            Outcome::Measured(figures) => {
+                let summary = figures.summary();
+                println!(
+                    "  {:<27} {:>10} {:>10} {:>11} {:>10} {:>10}  {}",
+                    subject.label(),
+                    us(summary.p50),
+                    us(summary.p99),
+                    summary.calls_per_second,
+                    us(summary.cpu_per_call),
+                    mib(summary.rss),
+                    figures.errors
+                );
+                summaries.push((*subject, summary));
+            }
+            Outcome::Unavailable(why) => println!(
+                "  {:<27} not available in this build ({why})",
+                subject.label()
+            ),
+        }
+    }
+
+    let Some((Subject::Floor, floor)) = summaries.first() else {
+        return;
+    };
+    for (subject, this) in &summaries[1..] {
+        let [p50, p99, throughput] = subject.targets();
+        let ratio = |of: Duration, to: Duration| of.as_secs_f64() / to.as_secs_f64();
+        println!();
+        println!("  {} vs the floor:", subject.label());
+        print_ratio("p50, 1 in flight", ratio(this.p50, floor.p50), p50);
+        print_ratio("p99, 1 in flight", ratio(this.p99, floor.p99), p99);
+        print_ratio(
+            &format!("calls/s, {} in flight", options.in_flight),
+            this.calls_per_second as f64 / floor.calls_per_second as f64,
+            throughput,
+        );
+        print_ratio(
+            "CPU per call",
+            ratio(this.cpu_per_call, floor.cpu_per_call),
+            None,
+        );
+        print_ratio("RSS", this.rss as f64 / floor.rss as f64, None);
+    }
+    if results.iter().any(|(subject, outcome)| {
+        *subject == Subject::Reuse && matches!(outcome, Outcome::Unavailable(_))
+    }) {
+        println!();
+        println!("  reuse: not available in this build");
+    }
+}
+
+/// One line of ratios: the ratio, and its target with whether it is met.
+fn print_ratio(what: &str, ratio: f64, target: Option<Target>) {
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    match target {
+        Some(Target::AtMost(bound)) => println!(
+            "    {what:<24} {ratio:>6.3}x   target <= {bound}x   {}",
+            verdict(ratio <= bound)
+        ),
+        Some(Target::AtLeast(bound)) => println!(
+            "    {what:<24} {ratio:>6.3}x   target >= {bound}x   {}",
+            verdict(ratio >= bound)
+        ),
+        None => println!("    {what:<24} {ratio:>6.3}x"),
+    }
+}

@@ -1,0 +1,253 @@
+//! The processes under test, each a child of the benchmark so that all of them are
+//! measured the same way: edge-host (the release binary beside this one) and the floor
+//! responder (this binary's hidden `floor-responder`). Their CPU time and memory come
+//! from `/proc`; they are stopped with SIGTERM, as a service manager would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use edge_proto::BrokerUrl;
+
+/// The device id every process under test serves.
+pub const DEVICE: &str = "bench-device";
+
+/// How long a stopped process may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// A process under test, killed when dropped if it still runs.
+pub struct Process {
+    child: Child,
+    /// What it is, for messages: `edge-host` or `floor-responder`.
+    name: &'static str,
+}
+
+impl Process {
+    /// Starts the release edge-host serving [`DEVICE`] with the handlers in `handlers`,
+    /// its compiled-code cache in `cache_dir`, through `broker`, logging warnings only.
+    ///
+    /// # Errors
+    /// When the edge-host binary is not built or cannot be started.
+    pub fn host(broker: &BrokerUrl, handlers: &Path, cache_dir: &Path) -> anyhow::Result<Self> {
+        let binary = host_binary()?;
+        let child = Command::new(&binary)
+            .arg("--broker")
+            .arg(broker.to_string())
+            .args(["--device-id", DEVICE, "--handlers"])
+            .arg(handlers)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child,
+            name: "edge-host",
+        })
+    }
+
+    /// Starts the floor responder (this binary, `floor-responder`) for [`DEVICE`].
+    ///
+    /// # Errors
+    /// When this binary cannot be found or started again.
+    pub fn floor(broker: &BrokerUrl) -> anyhow::Result<Self> {
+        let binary = std::env::current_exe().context("finding the edge-bench binary")?;
+        let child = Command::new(&binary)
+            .arg("floor-responder")
+            .arg("--broker")
+            .arg(broker.to_string())
+            .args(["--device-id", DEVICE])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} floor-responder", binary.display()))?;
+        Ok(Self {
+            child,
+            name: "floor-responder",
+        })
+    }
+
+    /// What it is: `edge-host` or `floor-responder`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// CPU time it has used so far, user and system, all threads.
+    ///
+    /// # Errors
+    /// When `/proc/PID/stat` cannot be read (the process is gone).
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.child.id())
+    }
+
+    /// Its resident memory now (`VmRSS`), in bytes.
+    ///
+    /// # Errors
+    /// When `/proc/PID/status` cannot be read (the process is gone).
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .with_context(|| format!("no VmRSS in {path}"))?;
+        Ok(kib * 1024)
+    }
+
+    /// Fails if it has exited, with how.
+    ///
+    /// # Errors
+    /// When it has exited, or its state cannot be read.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("{} exited while being measured: {status}", self.name),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends SIGTERM and waits until it exits (killing it after [`STOP_GRACE`]).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent, or it had to be killed.
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("running kill -TERM")?;
+        if !sent.success() {
+            bail!("kill -TERM {pid} failed: {sent}");
+        }
+        let asked = Instant::now();
+        while asked.elapsed() < STOP_GRACE {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!(
+            "{} did not exit within {STOP_GRACE:?} of SIGTERM; killed",
+            self.name
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// The edge-host binary beside this one (both build into `target/release`).
+///
+/// # Errors
+/// When it is not there.
+pub fn host_binary() -> anyhow::Result<PathBuf> {
+    let binary = std::env::current_exe()
+        .context("finding the edge-bench binary")?
+        .with_file_name("edge-host");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing: build both first with `cargo build --release -p edge-host -p edge-bench`",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// The CPU time (user + system, all threads) process `pid` has used, from
+/// `/proc/PID/stat`.
+///
+/// # Errors
+/// When the file cannot be read or parsed.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields
+    // after its closing parenthesis, where field 3 (state) is the first.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> anyhow::Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("field {n} of {path}"))
+    };
+    // Fields 14 and 15: utime and stime, in clock ticks.
+    let ticks = field(14)? + field(15)?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when it cannot be asked).
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// The share (0–1) of all CPUs that was busy over `window`, from `/proc/stat`: how
+/// much else runs on the machine, measured before a benchmark starts anything.
+///
+/// # Errors
+/// When `/proc/stat` cannot be read or parsed.
+pub fn machine_busy(window: Duration) -> anyhow::Result<f64> {
+    let (busy_before, total_before) = cpu_counters()?;
+    std::thread::sleep(window);
+    let (busy_after, total_after) = cpu_counters()?;
+    let total = total_after.saturating_sub(total_before).max(1);
+    Ok(busy_after.saturating_sub(busy_before) as f64 / total as f64)
+}
+
+/// Busy and total clock ticks of all CPUs since boot (the `cpu` line of `/proc/stat`;
+/// idle and iowait are not busy).
+fn cpu_counters() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|value| value.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user already).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((total.saturating_sub(idle), total))
+}
+
+/// Measures how busy the machine is for a second and warns on stderr when other work
+/// would make the figures noisy; returns the busy share for the report.
+///
+/// # Errors
+/// When `/proc/stat` cannot be read.
+pub fn check_quiet() -> anyhow::Result<f64> {
+    let busy = machine_busy(Duration::from_secs(1))?;
+    if busy > 0.2 {
+        eprintln!(
+            "warning: {:.0}% of the CPUs were busy before the benchmark started: other work \
+             on the machine makes the figures noisy and slow; run it on a quiet machine",
+            busy * 100.0
+        );
+    }
+    Ok(busy)
+}
