@@ -127,10 +127,12 @@ impl Mosquitto {
         let log_types = std::env::var("TESTKIT_MOSQUITTO_LOG")
             .map(|types| format!("log_type {types}\n"))
             .unwrap_or_else(|_| "log_type error\nlog_type warning\n".to_owned());
+        // `user root`: started as root, Mosquitto would drop to its own user and then
+        // fail to read files the test gave it in private folders (an ACL, say).
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\nset_tcp_nodelay true\npersistence false\n\
+                "user root\nper_listener_settings false\nset_tcp_nodelay true\npersistence false\n\
                  log_dest stderr\n{log_types}listener {port} 127.0.0.1\n{listener_config}\n"
             ),
         )?;
