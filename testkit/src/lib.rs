@@ -129,10 +129,12 @@ impl Mosquitto {
             .unwrap_or_else(|_| "log_type error\nlog_type warning\n".to_owned());
         // `user root`: started as root, Mosquitto would drop to its own user and then
         // fail to read files the test gave it in private folders (an ACL, say).
+        // `max_queued_messages`: a test that floods a host reads its thousands of answers
+        // through one client; Mosquitto's default queue of 1000 would drop some.
         std::fs::write(
             &conf,
             format!(
-                "user root\nper_listener_settings false\nset_tcp_nodelay true\npersistence false\n\
+                "user root\nmax_queued_messages 100000\nper_listener_settings false\nset_tcp_nodelay true\npersistence false\n\
                  log_dest stderr\n{log_types}listener {port} 127.0.0.1\n{listener_config}\n"
             ),
         )?;
