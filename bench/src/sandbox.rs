@@ -78,11 +78,13 @@ fn measure(options: &Options, keep_resident: bool, reuse: bool) -> anyhow::Resul
     let deadline = Duration::from_secs(30);
     for _ in 0..options.calls {
         code.call(&request, deadline)?;
+        code.recycle();
     }
     let mut samples = Vec::with_capacity(options.calls);
     for _ in 0..options.calls {
         let started = Instant::now();
         let response = code.call(&request, deadline)?;
+        code.recycle();
         samples.push(started.elapsed());
         anyhow::ensure!(
             response.payload.len() == request.payload.len(),

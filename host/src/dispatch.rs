@@ -166,6 +166,14 @@ impl Dispatcher {
         }
     }
 
+    /// After the answer to a call of `method` went out: tears down what its handler's
+    /// fresh instances left, off the caller's path.
+    pub fn recycle(&self, method: &str) {
+        if let Some(version) = self.registry.lookup(method) {
+            version.code.recycle();
+        }
+    }
+
     async fn run(
         &self,
         method: &str,

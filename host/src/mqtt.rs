@@ -174,11 +174,14 @@ impl Session {
         let namespace = Arc::clone(&self.namespace);
         let client = self.client.clone();
         self.calls.spawn(async move {
+            let mut served = None;
             let answer = match call {
                 Ok((method, timeout)) => {
-                    dispatcher
+                    let answer = dispatcher
                         .dispatch(&method, &request_id, timeout, &publish.payload)
-                        .await
+                        .await;
+                    served = Some(method);
+                    answer
                 }
                 Err(error) => {
                     let answer = CallError::InvalidMethod(error.to_string()).answer();
@@ -192,6 +195,9 @@ impl Session {
                 .await
             {
                 tracing::error!(rid = %request_id, %error, "could not queue the response");
+            }
+            if let Some(method) = served {
+                dispatcher.recycle(&method);
             }
         });
     }

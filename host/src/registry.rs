@@ -62,7 +62,7 @@ pub struct Fingerprint {
 /// A change to one handler file.
 pub enum Change {
     /// A new version compiled and pre-instantiated: serve it (unless its methods clash).
-    Loaded(Fingerprint, HandlerVersion),
+    Loaded(Fingerprint, Box<HandlerVersion>),
     /// The file as it is now cannot serve: keep the last good version, report why.
     Failed(Fingerprint, String),
     /// The file is gone: its methods answer 404 from now on.
@@ -155,7 +155,7 @@ impl Registry {
                 Change::Loaded(seen, version) => match clash(&guard.methods, file, &version) {
                     None => {
                         let slot = Slot {
-                            serving: Some(Arc::new(version)),
+                            serving: Some(Arc::from(version)),
                             failure: None,
                             seen,
                         };

@@ -174,6 +174,7 @@ impl Sandbox {
             context,
             methods,
             warm: Mutex::new(Vec::new()),
+            spent: Mutex::new(Vec::new()),
         })
     }
 
@@ -323,6 +324,9 @@ pub struct HandlerCode {
     /// Idle warm instances, for handlers that opted in to reuse. They belong to this
     /// version: a reload retires them with it.
     warm: Mutex<Vec<Warm>>,
+    /// Stores of finished fresh calls, torn down by [`HandlerCode::recycle`] once
+    /// their answers are on their way rather than before.
+    spent: Mutex<Vec<Store<CallState>>>,
 }
 
 /// An instance kept warm between calls, with the Store it lives in.
@@ -335,6 +339,10 @@ struct Warm {
 
 /// Idle warm instances kept per handler version; more are dropped when calls end.
 const WARM_MAX: usize = 8;
+
+/// Finished fresh instances whose teardown may wait until their answers are queued;
+/// past this many (a burst), calls tear down their own, so pool slots stay free.
+const SPENT_MAX: usize = 4;
 
 impl HandlerCode {
     /// The methods this version serves, as it listed them when loaded.
@@ -353,10 +361,20 @@ impl HandlerCode {
     pub fn call(&self, request: &Request, deadline: Duration) -> Result<Response, CallError> {
         let Some(max_calls) = self.context.reuse else {
             let (mut store, handler) = self.instantiate(request, deadline)?;
-            return handler
+            let result = handler
                 .edge_methods_handler()
                 .call_handle(&mut store, request)
                 .map_err(|e| describe_failure(e, &store, deadline));
+            let mut spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+            if spent.len() < SPENT_MAX {
+                spent.push(store);
+            } else {
+                // Many answers are queued at once: tear down here rather than hold more
+                // pool slots.
+                drop(spent);
+                drop(store);
+            }
+            return result;
         };
         let warm = self
             .warm
@@ -396,6 +414,13 @@ impl HandlerCode {
             // A trap, a deadline or exhausted memory: the instance is dropped here.
             Err(error) => Err(describe_failure(error, &warm.store, deadline)),
         }
+    }
+
+    /// Tears down the instances of finished fresh calls: work that need not delay an
+    /// answer, so the host does it once the answer is on its way.
+    pub fn recycle(&self) {
+        let spent = std::mem::take(&mut *self.spent.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(spent);
     }
 
     /// A fresh Store and instance for `request`.

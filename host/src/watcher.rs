@@ -86,7 +86,7 @@ impl Loader {
                     .into_iter()
                     .map(str::to_owned)
                     .collect();
-                match registry.apply(file, Change::Loaded(fingerprint, version)) {
+                match registry.apply(file, Change::Loaded(fingerprint, Box::new(version))) {
                     Ok(()) => tracing::info!(
                         handler = %label, ?methods, load_ms = started.elapsed().as_millis(),
                         "handler loaded"
