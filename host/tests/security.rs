@@ -10,7 +10,7 @@ use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use edge_proto::BrokerUrl;
 use edge_proto::Namespace;
 use edge_proto::transport::{Security, TlsFiles};
-use testkit::{HandlerDir, Mosquitto, RawClient, TestPki, host_config, presence_with};
+use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, TestPki, host_config};
 
 fn tls_files(pki: &TestPki, client_cert: bool) -> TlsFiles {
     TlsFiles {
@@ -37,25 +37,14 @@ async fn host_and_invoker_call_over_mutual_tls() {
     config.tls.ca_file = Some(pki.file("ca.pem"));
     config.tls.cert_file = Some(pki.file("client.pem"));
     config.tls.key_file = Some(pki.file("client.key"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let host = tokio::spawn(edge_host::run(config, async {
-        rx.await.ok();
-    }));
-    let security = Security {
+    let host = TestHost::start(config)
+        .await
+        .expect("the host comes online over TLS");
+    let mut options = ConnectOptions::new(mqtts(&broker));
+    options.security = Security {
         tls: tls_files(&pki, true),
         ..Security::default()
     };
-    presence_with(
-        &mqtts(&broker),
-        &security,
-        "tls-device",
-        true,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("the host comes online over TLS");
-    let mut options = ConnectOptions::new(mqtts(&broker));
-    options.security = security;
     let caller = Caller::connect(options)
         .await
         .expect("the invoker connects over TLS");
@@ -66,8 +55,7 @@ async fn host_and_invoker_call_over_mutual_tls() {
         response.payload.to_value(),
         serde_json::json!({"over": "tls"})
     );
-    tx.send(()).ok();
-    host.await.expect("host task").expect("clean stop");
+    host.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,25 +175,14 @@ async fn with_the_documented_acl_a_device_cannot_read_or_answer_for_another() {
     let mut config = host_config("device-a", handlers.path(), broker.url());
     config.username = Some("device-a".into());
     config.password_file = Some(password);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let host = tokio::spawn(edge_host::run(config, async {
-        rx.await.ok();
-    }));
-
+    let host = TestHost::start(config)
+        .await
+        .expect("device-a comes online under its own name");
     let operator = Security {
         username: Some("operator".into()),
         password: Some("po".into()),
         ..Security::default()
     };
-    presence_with(
-        &broker.url(),
-        &operator,
-        "device-a",
-        true,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("device-a comes online under its own name");
     let a = Namespace::for_device("device-a").expect("valid");
     // device-b, logged in, tries to read device-a's requests and to answer in its name.
     let mut rogue = RawClient::connect_as(
@@ -268,6 +245,5 @@ async fn with_the_documented_acl_a_device_cannot_read_or_answer_for_another() {
             .is_err(),
         "device-b received device-a's request"
     );
-    tx.send(()).ok();
-    host.await.expect("host task").expect("clean stop");
+    host.stop().await.expect("clean stop");
 }

@@ -41,6 +41,22 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// A Mosquitto and the real `edge-host` binary for `device` serving `packages`, online,
+/// with a Caller connected to the broker.
+async fn binary_host(device: &str, packages: &[&str]) -> (Mosquitto, HandlerDir, Child, Caller) {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(packages).expect("handlers");
+    let host = spawn_host(device, &handlers, &broker);
+    presence(&broker.url(), device, true, Duration::from_secs(30))
+        .await
+        .expect("online");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+    (broker, handlers, host, caller)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_load_is_survived_and_no_call_is_answered_twice() {
     testkit::init_logging();
@@ -154,21 +170,7 @@ fn tracing_note(served_again: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_killed_hard_is_reported_not_online_at_once() {
-    testkit::init_logging();
-    let broker = Mosquitto::start().expect("mosquitto starts");
-    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
-    let mut host = spawn_host("killed-device", &handlers, &broker);
-    presence(
-        &broker.url(),
-        "killed-device",
-        true,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("online");
-    let caller = Caller::connect(ConnectOptions::new(broker.url()))
-        .await
-        .expect("caller");
+    let (broker, _handlers, mut host, caller) = binary_host("killed-device", &["echo"]).await;
     assert_eq!(
         caller
             .call(&CallRequest::new("killed-device", "echo", "1"))
@@ -209,21 +211,8 @@ async fn a_host_killed_hard_is_reported_not_online_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
-    testkit::init_logging();
-    let broker = Mosquitto::start().expect("mosquitto starts");
-    let handlers = HandlerDir::with(&["misbehave"]).expect("handlers");
-    let mut host = spawn_host("stopping-device", &handlers, &broker);
-    presence(
-        &broker.url(),
-        "stopping-device",
-        true,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("online");
-    let caller = Caller::connect(ConnectOptions::new(broker.url()))
-        .await
-        .expect("caller");
+    let (broker, _handlers, mut host, caller) =
+        binary_host("stopping-device", &["misbehave"]).await;
 
     let calls: Vec<_> = (0..5)
         .map(|_| {

@@ -288,27 +288,9 @@ async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_
     config.tls.ca_file = Some(pki.file("ca.pem"));
     config.tls.cert_file = Some(pki.file("client.pem"));
     config.tls.key_file = Some(pki.file("client.key"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let host = tokio::spawn(edge_host::run(config, async {
-        rx.await.ok();
-    }));
-    let security = edge_proto::transport::Security {
-        tls: edge_proto::transport::TlsFiles {
-            ca_file: Some(pki.file("ca.pem")),
-            cert_file: Some(pki.file("client.pem")),
-            key_file: Some(pki.file("client.key")),
-        },
-        ..Default::default()
-    };
-    testkit::presence_with(
-        &broker,
-        &security,
-        "tls-cli-device",
-        true,
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("the host comes online over TLS");
+    let host = TestHost::start(config)
+        .await
+        .expect("the host comes online over TLS");
     let tls_args = |pki: &testkit::TestPki| {
         vec![
             "--ca-file".to_owned(),
@@ -342,6 +324,5 @@ async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(errors[0].contains("UnknownIssuer"), "{stderr}");
-    tx.send(()).ok();
-    host.await.expect("host task").expect("clean stop");
+    host.stop().await.expect("clean stop");
 }

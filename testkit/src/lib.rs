@@ -244,12 +244,15 @@ impl TestHost {
             None => BrokerUrl::tcp(config.listen.ip().to_string(), config.listen.port()),
         };
         let device_id = config.device_id.clone();
+        // Presence is read with the host's own TLS files and credentials, so that a host
+        // on a TLS-only or ACL-guarded broker is seen coming online too.
+        let security = config.security()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(edge_host::run(config, async {
             rx.await.ok();
         }));
         let online = tokio::select! {
-            online = presence(&broker, &device_id, true, Duration::from_secs(30)) => online,
+            online = presence_with(&broker, &security, &device_id, true, Duration::from_secs(30)) => online,
             ended = wait_task(&task) => Err(anyhow::anyhow!("the host stopped while starting: {ended:?}")),
         };
         let host = Self {
