@@ -108,6 +108,17 @@ impl Config {
         Duration::from_millis(self.limits.call_timeout_ms)
     }
 
+    /// The handler defaults the loader applies: `handler_defaults`, with a bound on each
+    /// handler's calls in flight where it sets none: [`HANDLER_SHARE`] of the host's, so
+    /// that a handler whose calls are all stuck leaves room for the others.
+    pub fn handler_defaults_with_share(&self) -> HandlerSettings {
+        let mut defaults = self.handler_defaults.clone();
+        defaults
+            .max_in_flight
+            .get_or_insert((self.limits.max_in_flight * HANDLER_SHARE.0 / HANDLER_SHARE.1).max(1));
+        defaults
+    }
+
     /// The dispatch limits these settings give.
     pub fn dispatch_limits(&self) -> DispatchLimits {
         DispatchLimits {
@@ -167,7 +178,8 @@ pub struct HandlerSettings {
     /// The longest one call may run, in milliseconds; unset takes the host's
     /// `limits.call_timeout_ms`. A caller's shorter timeout shortens it further.
     pub timeout_ms: Option<u64>,
-    /// Calls of this handler that may run at once; unset, only the host's bound holds.
+    /// Calls of this handler that may run at once; unset, [`HANDLER_SHARE`] of the
+    /// host's `limits.max_in_flight`.
     pub max_in_flight: Option<usize>,
     /// Values the handler reads with `config-get`.
     pub config: BTreeMap<String, String>,
@@ -179,6 +191,11 @@ pub struct HandlerSettings {
     /// Calls one warm instance serves before it is replaced.
     pub reuse_max_calls: u32,
 }
+
+/// The share of the host's calls in flight one handler may hold unless its sidecar
+/// says otherwise (numerator, denominator): three quarters, so that however one
+/// handler's calls are stuck, the others keep a quarter of the host to answer in.
+pub const HANDLER_SHARE: (usize, usize) = (3, 4);
 
 /// The default linear-memory cap of one instance: 64 MiB.
 pub const DEFAULT_MAX_MEMORY: usize = 64 * 1024 * 1024;

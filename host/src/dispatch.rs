@@ -1,6 +1,6 @@
 //! Dispatch: one request in, one answer out. Checks the payload, finds the handler
-//! version that serves the method, bounds the calls in flight, runs the call on a
-//! blocking thread (never on the MQTT poll loop), and turns every failure into the
+//! version that serves the method, bounds the calls in flight (the host's and the
+//! handler's own), awaits the call in the sandbox, and turns every failure into the
 //! status and error body the protocol documents.
 
 use std::sync::Arc;
@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use edge_proto::message::json_payload;
 use edge_proto::{ErrorBody, ErrorCode, PayloadError};
-use tokio::runtime::{Handle, RuntimeFlavor};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::registry::Registry;
-use crate::sandbox::Request;
+use crate::sandbox::{Request, Spent};
 
 /// Why a call did not get a handler's answer. Each case maps to one status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,11 +105,15 @@ pub struct DispatchLimits {
     pub max_in_flight: usize,
 }
 
-/// On a current-thread runtime, how long past a call's deadline the host waits for the
-/// handler's thread before it answers 504 anyway. Epoch interruption ends running wasm
-/// well within it; the wait covers a handler blocked in a host call (a WASI sleep),
-/// whose thread is then left to finish on its own while the caller has its answer.
-const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+/// What a served call still holds once its answer is ready: its fresh instance and its
+/// places in the in-flight bounds. Drop it once the answer is queued: tearing the
+/// instance down then costs the caller nothing, and the bounds count instances, not
+/// answers.
+#[derive(Default)]
+pub struct CallGuard {
+    _spent: Option<Spent>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
 
 /// Runs calls against the handlers in the registry.
 pub struct Dispatcher {
@@ -131,29 +134,30 @@ impl Dispatcher {
         }
     }
 
-    /// Serves one call and returns the answer to publish, whatever happened.
-    /// `caller_timeout` is how long the caller waits, when it said: the handler is ended
-    /// in time to answer before then.
+    /// Serves one call and returns the answer to publish, whatever happened, with what
+    /// the call still holds (drop it after publishing). `caller_timeout` is how long
+    /// the caller waits, when it said: the handler is ended in time to answer before
+    /// then.
     pub async fn dispatch(
         &self,
         method: &str,
         request_id: &str,
         caller_timeout: Option<Duration>,
         payload: &[u8],
-    ) -> Answer {
+    ) -> (Answer, CallGuard) {
         let started = Instant::now();
         let outcome = self.run(method, request_id, caller_timeout, payload).await;
         let answered = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
         let elapsed_us = started.elapsed().as_micros();
         let shown = String::from_utf8_lossy(&payload[..payload.len().min(256)]);
         match outcome {
-            Ok((answer, digest)) => {
+            Ok((answer, digest, guard)) => {
                 tracing::info!(
                     method, rid = request_id, payload = %shown, status = answer.status,
                     handler = %digest, elapsed_us, calls_confirmed = answered,
                     "method called"
                 );
-                answer
+                (answer, guard)
             }
             Err(error) => {
                 tracing::warn!(
@@ -161,16 +165,8 @@ impl Dispatcher {
                     elapsed_us, calls_confirmed = answered, %error,
                     "method failed"
                 );
-                error.answer()
+                (error.answer(), CallGuard::default())
             }
-        }
-    }
-
-    /// After the answer to a call of `method` went out: tears down what its handler's
-    /// fresh instances left, off the caller's path.
-    pub fn recycle(&self, method: &str) {
-        if let Some(version) = self.registry.lookup(method) {
-            version.code.recycle();
         }
     }
 
@@ -180,7 +176,7 @@ impl Dispatcher {
         request_id: &str,
         caller_timeout: Option<Duration>,
         payload: &[u8],
-    ) -> Result<(Answer, String), CallError> {
+    ) -> Result<(Answer, String, CallGuard), CallError> {
         let payload = json_payload(payload, self.limits.max_payload).map_err(|e| match e {
             PayloadError::TooLarge { .. } => CallError::PayloadTooLarge(e),
             _ => CallError::InvalidPayload(e),
@@ -189,21 +185,23 @@ impl Dispatcher {
             .registry
             .lookup(method)
             .ok_or_else(|| CallError::MethodNotFound(method.to_owned()))?;
-        let host_permit = Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| CallError::TooManyCalls {
-                scope: "host".to_owned(),
-                limit: self.limits.max_in_flight,
-            })?;
-        let handler_permit = match &version.in_flight {
-            Some(bound) => Some(Arc::clone(bound).try_acquire_owned().map_err(|_| {
+        let mut permits = Vec::with_capacity(2);
+        permits.push(
+            Arc::clone(&self.in_flight)
+                .try_acquire_owned()
+                .map_err(|_| CallError::TooManyCalls {
+                    scope: "host".to_owned(),
+                    limit: self.limits.max_in_flight,
+                })?,
+        );
+        if let Some(bound) = &version.in_flight {
+            permits.push(Arc::clone(bound).try_acquire_owned().map_err(|_| {
                 CallError::TooManyCalls {
                     scope: version.file.clone(),
                     limit: version.max_in_flight.unwrap_or_default(),
                 }
-            })?),
-            None => None,
-        };
+            })?);
+        }
         let deadline = caller_timeout.map_or(version.timeout, |t| t.min(version.timeout));
         let request = Request {
             method: method.to_owned(),
@@ -211,27 +209,10 @@ impl Dispatcher {
             request_id: request_id.to_owned(),
             time_left_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
         };
-        let label = version.label();
-        let run = move || {
-            // Held until the handler's thread is really done, even if the caller was
-            // answered 504 before: the bounds count threads, not answers.
-            let _permits = (host_permit, handler_permit);
-            version.code.call(&request, deadline)
-        };
-        let response = match Handle::current().runtime_flavor() {
-            // On the multi-thread runtime the handler runs right here, on this worker
-            // thread, and tokio hands the worker's other tasks to another thread: no
-            // round trip to a blocking thread and back, which cost more than the sandbox
-            // itself (see the README's performance section). Epoch interruption ends wasm
-            // that runs past the deadline; a handler blocked in a host call (a WASI sleep)
-            // is answered 504 when that call returns.
-            RuntimeFlavor::MultiThread => tokio::task::block_in_place(run)?,
-            // Elsewhere (a current-thread runtime cannot block in place), a blocking
-            // thread, with a timer that answers 504 even while the handler is blocked.
-            _ => tokio::time::timeout(deadline + DEADLINE_GRACE, tokio::task::spawn_blocking(run))
-                .await
-                .map_err(|_| CallError::Deadline(deadline))?
-                .map_err(|e| CallError::Trapped(format!("the call's thread failed: {e}")))??,
+        let (response, spent) = version.code.call(&request, deadline).await?;
+        let guard = CallGuard {
+            _spent: Some(spent),
+            _permits: permits,
         };
         json_payload(response.payload.as_bytes(), self.limits.max_payload)
             .map_err(CallError::InvalidResponse)?;
@@ -245,7 +226,8 @@ impl Dispatcher {
                 status: response.status,
                 payload,
             },
-            label,
+            version.label(),
+            guard,
         ))
     }
 }

@@ -5,12 +5,14 @@
 //! - [`mqtt`]: the session. Receives `NS$iothub/methods/POST/{method}/?$rid={rid}`,
 //!   spawns the call, publishes the answer on `NS$iothub/methods/res/{status}/?$rid=`;
 //!   keeps presence and the method catalog retained.
-//! - [`dispatch`]: checks the payload, finds the handler, bounds calls in flight, runs
-//!   the call on a blocking thread and maps every failure to a status ([`CallError`]).
+//! - [`dispatch`]: checks the payload, finds the handler, bounds calls in flight (the
+//!   host's and each handler's), awaits the call and maps every failure to a status
+//!   ([`CallError`]).
 //! - [`registry`]: which handler version serves which method; an immutable table
 //!   swapped whole, so a call keeps the version it started on.
 //! - [`sandbox`]: wasmtime. Compiles and pre-instantiates each version once; every call
-//!   gets a fresh Store with a deadline and a memory cap.
+//!   gets a fresh Store with a deadline (kept in host calls too: calls are futures) and
+//!   a memory cap.
 //! - [`config`]: settings and their defaults; per-handler sidecars.
 //! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
@@ -44,6 +46,10 @@ use crate::watcher::Loader;
 /// Instances the pool holds beyond the calls in flight: for loading handlers, and for
 /// the warm instances of handlers that opted in to reuse.
 const SPARE_INSTANCES: u32 = 80;
+
+/// Requests the session holds per call that may run: the ones running, and those whose
+/// answers wait for a slow broker to take them. Past it, new requests get 503 at once.
+const PENDING_PER_CALL: usize = 4;
 
 /// What a host did, reported when it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         sandbox: Arc::clone(&sandbox),
         dir: config.handlers.clone(),
         device_id: config.device_id.clone(),
-        defaults: config.handler_defaults.clone(),
+        defaults: config.handler_defaults_with_share(),
         call_timeout: config.call_timeout(),
     };
     let loader = {
@@ -123,6 +129,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             device_id: config.device_id.clone(),
             namespace,
             security,
+            max_pending: config.limits.max_in_flight.saturating_mul(PENDING_PER_CALL),
         },
         dispatcher,
         registry,

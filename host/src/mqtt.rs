@@ -6,6 +6,7 @@
 //! connection is retried with exponential backoff and jitter; every new connection
 //! subscribes again and republishes presence and catalog.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,12 +17,18 @@ use edge_proto::{BrokerUrl, Namespace, Presence};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::task::JoinSet;
 
-use crate::dispatch::{CallError, Dispatcher};
+use crate::dispatch::{CallError, CallGuard, Dispatcher};
 use crate::registry::Registry;
 
 /// The largest MQTT packet taken or sent: a 128 KiB payload and its topic fit with room
 /// to spare, so that an oversized request still arrives and is answered 413.
 const MAX_PACKET: usize = 1024 * 1024;
+
+/// Refusals the session owes at most while the client's outgoing queue is full: each is
+/// a request id and a short error body (about 200 bytes), so a flood of any length costs
+/// a few MiB at most. Past it, a refusal is dropped with a warning, as a broker drops
+/// QoS 0 requests it cannot deliver.
+const OWED_MAX: usize = 32 * 1024;
 
 /// How long a clean shutdown waits for calls in flight to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -37,6 +44,10 @@ pub struct SessionConfig {
     pub namespace: Namespace,
     /// TLS and credentials.
     pub security: edge_proto::transport::Security,
+    /// Requests taken and not yet answered (running, or with their answer waiting to be
+    /// queued) that the session holds at most; past it, a request is answered 503 at
+    /// once, so a flood while answers drain slowly cannot grow memory without bound.
+    pub max_pending: usize,
 }
 
 /// The device's MQTT session.
@@ -47,6 +58,10 @@ pub struct Session {
     dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     calls: JoinSet<()>,
+    max_pending: usize,
+    /// Refusals (topic, body) not yet taken by the client's outgoing queue, oldest
+    /// first; sent as the queue drains.
+    owed: VecDeque<(String, Vec<u8>)>,
 }
 
 impl Session {
@@ -86,6 +101,8 @@ impl Session {
             dispatcher,
             registry,
             calls: JoinSet::new(),
+            max_pending: config.max_pending,
+            owed: VecDeque::new(),
         })
     }
 
@@ -97,6 +114,8 @@ impl Session {
         let mut backoff = Backoff::default();
         let mut changes = self.registry.subscribe();
         loop {
+            // Every event can have made room in the client's outgoing queue.
+            self.pay_owed();
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(_) = self.calls.join_next() => {}
@@ -170,23 +189,29 @@ impl Session {
                 }
             },
         };
+        if self.calls.len() >= self.max_pending {
+            let error = CallError::TooManyCalls {
+                scope: "host intake".to_owned(),
+                limit: self.max_pending,
+            };
+            tracing::warn!(rid = %request_id, status = error.status(), %error, "refused a request");
+            self.owe(&request_id, &error);
+            return;
+        }
         let dispatcher = Arc::clone(&self.dispatcher);
         let namespace = Arc::clone(&self.namespace);
         let client = self.client.clone();
         self.calls.spawn(async move {
-            let mut served = None;
-            let answer = match call {
+            let (answer, guard) = match call {
                 Ok((method, timeout)) => {
-                    let answer = dispatcher
+                    dispatcher
                         .dispatch(&method, &request_id, timeout, &publish.payload)
-                        .await;
-                    served = Some(method);
-                    answer
+                        .await
                 }
                 Err(error) => {
                     let answer = CallError::InvalidMethod(error.to_string()).answer();
                     tracing::warn!(rid = %request_id, %error, status = answer.status, "refused a request");
-                    answer
+                    (answer, CallGuard::default())
                 }
             };
             let topic = namespace.response_topic(answer.status, &request_id);
@@ -196,10 +221,38 @@ impl Session {
             {
                 tracing::error!(rid = %request_id, %error, "could not queue the response");
             }
-            if let Some(method) = served {
-                dispatcher.recycle(&method);
-            }
+            // The answer is queued: now tear down the call's instance.
+            drop(guard);
         });
+    }
+
+    /// Answers a request with `error` without running it, from the poll loop, without
+    /// waiting: the refusal is owed until the client's outgoing queue takes it.
+    fn owe(&mut self, request_id: &str, error: &CallError) {
+        if self.owed.len() >= OWED_MAX {
+            tracing::warn!(rid = %request_id, status = error.status(), "refusal dropped: {OWED_MAX} are already waiting for the broker");
+            return;
+        }
+        let answer = error.answer();
+        self.owed.push_back((
+            self.namespace.response_topic(answer.status, request_id),
+            answer.payload,
+        ));
+        self.pay_owed();
+    }
+
+    /// Queues owed refusals, oldest first, until the client's outgoing queue is full.
+    fn pay_owed(&mut self) {
+        while let Some((topic, payload)) = self.owed.front() {
+            if self
+                .client
+                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .is_err()
+            {
+                return;
+            }
+            self.owed.pop_front();
+        }
     }
 
     /// Marks the device offline, lets the calls in flight answer, and disconnects.
@@ -225,7 +278,12 @@ impl Session {
         loop {
             // Disconnect once every call has answered and the broker acknowledged every
             // answer (and the offline presence): nothing is left to lose.
-            if !disconnecting && self.calls.is_empty() && self.eventloop.state.inflight() == 0 {
+            self.pay_owed();
+            if !disconnecting
+                && self.calls.is_empty()
+                && self.owed.is_empty()
+                && self.eventloop.state.inflight() == 0
+            {
                 disconnecting = self.client.try_disconnect().is_ok();
             }
             tokio::select! {
@@ -253,21 +311,15 @@ impl Session {
     }
 
     /// Answers a request that arrived while shutting down: 503, at once.
-    fn refuse(&self, publish: &rumqttc::Publish) {
-        let Some(request_id) = (match self.namespace.parse_request(&publish.topic) {
-            Ok(request) => Some(request.request_id.to_owned()),
-            Err(error) => error.request_id().map(str::to_owned),
-        }) else {
-            return;
+    fn refuse(&mut self, publish: &rumqttc::Publish) {
+        let request_id = match self.namespace.parse_request(&publish.topic) {
+            Ok(request) => request.request_id.to_owned(),
+            Err(error) => match error.request_id() {
+                Some(request_id) => request_id.to_owned(),
+                None => return,
+            },
         };
-        let answer = CallError::ShuttingDown.answer();
-        let topic = self.namespace.response_topic(answer.status, &request_id);
-        if let Err(error) = self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, answer.payload)
-        {
-            tracing::warn!(rid = %request_id, %error, "could not refuse a request during shutdown");
-        }
+        self.owe(&request_id, &CallError::ShuttingDown);
     }
 
     /// After DISCONNECT, reads until the broker closes the connection (briefly): a

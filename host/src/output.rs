@@ -1,8 +1,9 @@
-//! What a handler prints: its stdout and stderr go to the host's log, a line at a time
-//! as they are written, tagged with the handler, method and request. Writes never fail
-//! (a handler that prints a lot is not broken), but each call's log is capped: past
-//! [`MAX_LOGGED`] bytes per stream the rest is counted and dropped, and one line says
-//! how much.
+//! What a handler prints or logs: its stdout and stderr go to the host's log, a line at
+//! a time as they are written, and so do the lines it gives the `log` import, tagged
+//! with the handler, method and request. Writes never fail (a handler that prints a
+//! lot is not broken), but each call's log is capped: past [`MAX_LOGGED`] bytes per
+//! stream (and, for `log`, past [`MAX_LOG_LINES`] lines) the rest is counted and
+//! dropped, and one line says how much.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,8 +18,113 @@ use crate::sandbox::HandlerContext;
 /// Bytes of one stream logged per call; the rest is dropped.
 pub const MAX_LOGGED: usize = 16 * 1024;
 
-/// The longest line logged whole; a longer one is logged in pieces of this size.
+/// The longest line logged whole; a longer one is logged in pieces of this size (from
+/// stdout and stderr) or cut there (from `log`).
 const MAX_LINE: usize = 1024;
+
+/// Lines of the `log` import logged per call; the rest is dropped.
+pub const MAX_LOG_LINES: usize = 256;
+
+/// The `log` import of one call: each line goes to the host's log at the level the
+/// handler chose, within the per-call caps.
+pub struct HandlerLog {
+    context: Arc<HandlerContext>,
+    method: Arc<str>,
+    request_id: Arc<str>,
+    /// Lines and bytes logged in this call.
+    lines: usize,
+    bytes: usize,
+    /// Lines dropped whole, and bytes dropped (theirs and the cut tails of long lines).
+    dropped_lines: usize,
+    dropped_bytes: usize,
+}
+
+impl HandlerLog {
+    /// The `log` import of one call.
+    pub fn new(context: &Arc<HandlerContext>, method: &Arc<str>, request_id: &Arc<str>) -> Self {
+        Self {
+            context: Arc::clone(context),
+            method: Arc::clone(method),
+            request_id: Arc::clone(request_id),
+            lines: 0,
+            bytes: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Starts another call of a reused instance: reports what the last one dropped, and
+    /// the caps start over.
+    pub fn start_call(&mut self, method: &Arc<str>, request_id: &Arc<str>) {
+        self.finish();
+        self.method = Arc::clone(method);
+        self.request_id = Arc::clone(request_id);
+        self.lines = 0;
+        self.bytes = 0;
+    }
+
+    /// Logs one line at `level`, or counts it as dropped past the caps.
+    pub fn line(&mut self, level: tracing::Level, message: &str) {
+        if self.lines >= MAX_LOG_LINES || self.bytes >= MAX_LOGGED {
+            self.dropped_lines += 1;
+            self.dropped_bytes += message.len();
+            return;
+        }
+        let room = MAX_LINE.min(MAX_LOGGED - self.bytes);
+        let mut kept = message;
+        if kept.len() > room {
+            let mut end = room;
+            while !kept.is_char_boundary(end) {
+                end -= 1;
+            }
+            kept = &kept[..end];
+            self.dropped_bytes += message.len() - end;
+        }
+        self.lines += 1;
+        self.bytes += kept.len().max(1);
+        let cut = if kept.len() < message.len() {
+            " [cut]"
+        } else {
+            ""
+        };
+        let (file, method, rid) = (&self.context.file, &self.method, &self.request_id);
+        macro_rules! log_at {
+            ($level:ident) => {
+                tracing::$level!(target: "edge_host::handler", handler = %file, method = %method, rid = %rid, "{kept}{cut}")
+            };
+        }
+        match level {
+            tracing::Level::TRACE => log_at!(trace),
+            tracing::Level::DEBUG => log_at!(debug),
+            tracing::Level::INFO => log_at!(info),
+            tracing::Level::WARN => log_at!(warn),
+            _ => log_at!(error),
+        }
+    }
+
+    /// At the end of a call: one line for what was dropped, if anything.
+    fn finish(&mut self) {
+        if self.dropped_lines > 0 || self.dropped_bytes > 0 {
+            tracing::warn!(
+                target: "edge_host::handler",
+                handler = %self.context.file,
+                method = %self.method,
+                rid = %self.request_id,
+                dropped_lines = self.dropped_lines,
+                dropped_bytes = self.dropped_bytes,
+                "the handler logged more than {MAX_LOG_LINES} lines or {MAX_LOGGED} bytes, or lines over {MAX_LINE} bytes; the rest was dropped"
+            );
+        }
+        self.dropped_lines = 0;
+        self.dropped_bytes = 0;
+    }
+}
+
+impl Drop for HandlerLog {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
 
 /// One of a call's output streams, as WASI sees it: every clone writes to the same
 /// buffer.

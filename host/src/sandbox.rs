@@ -1,32 +1,44 @@
 //! The sandbox: one wasmtime engine for the host, handler components compiled and
 //! pre-instantiated once per version, and a fresh, limited Store for every call.
 //!
-//! A call gets a fresh instance from the version's [`DeviceHandlerPre`], a deadline
-//! enforced by epoch interruption, a linear-memory cap enforced by a resource limiter,
-//! and WASI with nothing granted: no files, network, environment, arguments or stdin.
-//! What the handler prints is captured and logged, tagged with the method and request.
+//! A call gets a fresh instance from the version's [`DeviceHandlerPre`], a deadline, a
+//! linear-memory cap enforced by a resource limiter, and WASI with nothing granted: no
+//! files, network, environment, arguments or stdin. What the handler prints or logs is
+//! captured, capped and logged, tagged with the method and request.
+//!
+//! Calls run as futures (wasmtime's async support, WASI linked async), so a deadline
+//! holds wherever the handler spends its time: running wasm yields to the executor at
+//! every epoch tick and traps once its deadline has passed, and a handler blocked in a
+//! host call (a WASI sleep or poll) is dropped at the deadline, its Store with it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::error::Context as _;
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut, Trap,
+    UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::CompileCache;
 use crate::config::Grants;
 use crate::dispatch::CallError;
-use crate::output::LogStream;
+use crate::output::{HandlerLog, LogStream};
 
 /// The bindings of the handler world, generated once; only what the host uses leaves.
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "device-handler",
+        // Calls are futures: the deadline can drop one blocked in a host call. The
+        // host interface itself (log, device-id, config-get) never waits, so it stays
+        // synchronous.
+        exports: { default: async },
     });
 }
 
@@ -38,7 +50,8 @@ use bindings::{DeviceHandler, DeviceHandlerPre};
 /// instances, reset page by page; see [`engine`].
 const KEEP_RESIDENT: usize = 2 * 1024 * 1024;
 
-/// How often the epoch advances: the granularity of call deadlines.
+/// How often the epoch advances: how often running wasm yields to the executor, and
+/// the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// How long a handler may take to list its methods when it is loaded.
@@ -85,7 +98,7 @@ impl Sandbox {
         };
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
         DeviceHandler::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)
             .context("linking the host interface")?;
 
@@ -161,11 +174,7 @@ impl Sandbox {
         let pre = DeviceHandlerPre::new(pre)
             .context("the component does not implement the edge:methods handler world")?;
         let context = Arc::new(context);
-        let mut store = self.store(&context, "(load)", "-", LOAD_DEADLINE)?;
-        let methods = pre
-            .instantiate(&mut store)
-            .and_then(|handler| handler.edge_methods_handler().call_methods(&mut store))
-            .map_err(|e| describe_failure(e, &store, LOAD_DEADLINE))
+        let methods = list_methods(&self.engine, &pre, &context)
             .context("listing the handler's methods failed")?;
         check_methods(&methods)?;
         Ok(HandlerCode {
@@ -174,23 +183,34 @@ impl Sandbox {
             context,
             methods,
             warm: Mutex::new(Vec::new()),
-            spent: Mutex::new(Vec::new()),
         })
-    }
-
-    fn store(
-        &self,
-        context: &Arc<HandlerContext>,
-        method: &str,
-        request_id: &str,
-        deadline: Duration,
-    ) -> Result<Store<CallState>, CallError> {
-        new_store(&self.engine, context, method, request_id, deadline)
     }
 }
 
-/// A fresh Store for one call: WASI with only what the handler's grants give, its
-/// output going to the log, its memory capped, its deadline set.
+/// Instantiates a freshly loaded handler and asks it which methods it serves, within
+/// [`LOAD_DEADLINE`] however it spends it (running, or blocked in a host call). Runs
+/// on a runtime of its own: loading happens on a blocking thread, never an async one.
+fn list_methods(
+    engine: &Engine,
+    pre: &DeviceHandlerPre<CallState>,
+    context: &Arc<HandlerContext>,
+) -> wasmtime::Result<Vec<MethodInfo>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .context("starting a runtime to load the handler")?;
+    let mut store = new_store(engine, context, "(load)", "-", LOAD_DEADLINE)
+        .map_err(|e| wasmtime::format_err!("{e}"))?;
+    let listed = runtime.block_on(tokio::time::timeout(LOAD_DEADLINE, async {
+        let handler = pre.instantiate_async(&mut store).await?;
+        handler
+            .edge_methods_handler()
+            .call_methods(&mut store)
+            .await
+    }));
+    settle(listed, &store, LOAD_DEADLINE).map_err(|e| wasmtime::format_err!("{e}"))
+}
+
 /// The engine: pooling allocator sized for `config`, epoch interruption on. With
 /// `keep_resident`, pool slots keep their last instance's pages mapped and reset only
 /// the dirty ones, found with the kernel's PAGEMAP_SCAN: a fresh instance then starts
@@ -206,7 +226,9 @@ fn engine(config: &SandboxConfig, keep_resident: bool) -> wasmtime::Result<Engin
         .total_core_instances(instances * 8)
         .total_memories(instances * 2)
         .total_tables(instances * 8)
-        .max_memory_size(config.max_memory);
+        .max_memory_size(config.max_memory)
+        // Every call runs on a fiber of its own (async support): one stack per instance.
+        .total_stacks(instances);
     if keep_resident {
         pool.linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT)
@@ -219,6 +241,8 @@ fn engine(config: &SandboxConfig, keep_resident: bool) -> wasmtime::Result<Engin
     Engine::new(&engine_config).context("configuring wasmtime")
 }
 
+/// A fresh Store for one call: WASI with only what the handler's grants give, its
+/// output going to the log, its memory capped, its deadline set.
 fn new_store(
     engine: &Engine,
     context: &Arc<HandlerContext>,
@@ -228,6 +252,7 @@ fn new_store(
 ) -> Result<Store<CallState>, CallError> {
     let method: Arc<str> = Arc::from(method);
     let request_id: Arc<str> = Arc::from(request_id);
+    let log = HandlerLog::new(context, &method, &request_id);
     let stdout = LogStream::new("stdout", context, &method, &request_id);
     let stderr = LogStream::new("stderr", context, &method, &request_id);
     let mut wasi = WasiCtx::builder();
@@ -244,23 +269,28 @@ fn new_store(
             exhausted: false,
         },
         context: Arc::clone(context),
-        method,
-        request_id,
+        deadline: Instant::now() + deadline,
+        log,
         stdout,
         stderr,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
-    store.set_epoch_deadline(ticks(deadline));
+    store.epoch_deadline_callback(at_epoch_tick);
+    store.set_epoch_deadline(1);
     Ok(store)
 }
 
-/// Epoch ticks that cover `deadline`, rounding up, and at least one.
-fn ticks(deadline: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos();
-    u64::try_from(deadline.as_nanos().div_ceil(tick))
-        .unwrap_or(u64::MAX)
-        .max(1)
+/// At every epoch tick while wasm runs: trap once the call's deadline has passed,
+/// else let the executor run other tasks (and the deadline's timer fire) before going
+/// on. A handler that computes for long thus never holds a worker thread for more
+/// than a tick.
+fn at_epoch_tick(store: StoreContextMut<'_, CallState>) -> wasmtime::Result<UpdateDeadline> {
+    Ok(if Instant::now() >= store.data().deadline {
+        UpdateDeadline::Interrupt
+    } else {
+        UpdateDeadline::Yield(1)
+    })
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own, until the
@@ -324,9 +354,13 @@ pub struct HandlerCode {
     /// Idle warm instances, for handlers that opted in to reuse. They belong to this
     /// version: a reload retires them with it.
     warm: Mutex<Vec<Warm>>,
-    /// Stores of finished fresh calls, torn down by [`HandlerCode::recycle`] once
-    /// their answers are on their way rather than before.
-    spent: Mutex<Vec<Store<CallState>>>,
+}
+
+/// What a finished fresh call leaves behind: its instance, torn down when this is
+/// dropped. Tearing down costs about as much as the call itself, so the host drops it
+/// once the answer is queued rather than before.
+pub struct Spent {
+    _store: Option<Store<CallState>>,
 }
 
 /// An instance kept warm between calls, with the Store it lives in.
@@ -340,10 +374,6 @@ struct Warm {
 /// Idle warm instances kept per handler version; more are dropped when calls end.
 const WARM_MAX: usize = 8;
 
-/// Finished fresh instances whose teardown may wait until their answers are queued;
-/// past this many (a burst), calls tear down their own, so pool slots stay free.
-const SPENT_MAX: usize = 4;
-
 impl HandlerCode {
     /// The methods this version serves, as it listed them when loaded.
     pub fn methods(&self) -> &[MethodInfo] {
@@ -351,44 +381,55 @@ impl HandlerCode {
     }
 
     /// Runs one call: in a fresh instance, or in a warm one when the handler opted in
-    /// to reuse. Blocks the thread for as long as the handler runs (at most
-    /// `deadline`): call it from a blocking thread, never the poll loop.
+    /// to reuse, for at most `deadline`. Running wasm yields to the executor at every
+    /// epoch tick, so the call can be awaited on any async thread. The answer comes with
+    /// the call's fresh instance: drop it after the answer is on its way.
     ///
     /// # Errors
-    /// When the handler does not finish within `deadline`, exhausts its memory, or
-    /// traps; none of these affect any other call, and the instance it happened in is
-    /// never used again.
-    pub fn call(&self, request: &Request, deadline: Duration) -> Result<Response, CallError> {
+    /// When the handler does not finish within `deadline` (running, or blocked in a
+    /// host call), exhausts its memory, or traps; none of these affect any other call,
+    /// and the instance it happened in is never used again.
+    pub async fn call(
+        &self,
+        request: &Request,
+        deadline: Duration,
+    ) -> Result<(Response, Spent), CallError> {
+        let expires = tokio::time::Instant::now() + deadline;
         let Some(max_calls) = self.context.reuse else {
-            let (mut store, handler) = self.instantiate(request, deadline)?;
-            let result = handler
-                .edge_methods_handler()
-                .call_handle(&mut store, request)
-                .map_err(|e| describe_failure(e, &store, deadline));
-            let mut spent = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-            if spent.len() < SPENT_MAX {
-                spent.push(store);
-            } else {
-                // Many answers are queued at once: tear down here rather than hold more
-                // pool slots.
-                drop(spent);
-                drop(store);
-            }
-            return result;
+            let mut store = self.fresh_store(request, deadline)?;
+            let pre = &self.pre;
+            let handled = tokio::time::timeout_at(expires, async {
+                let handler = pre.instantiate_async(&mut store).await?;
+                handler
+                    .edge_methods_handler()
+                    .call_handle(&mut store, request)
+                    .await
+            })
+            .await;
+            let response = settle(handled, &store, deadline)?;
+            return Ok((
+                response,
+                Spent {
+                    _store: Some(store),
+                },
+            ));
         };
-        let warm = self
+        let idle = self
             .warm
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let mut warm = match warm {
+        let mut warm = match idle {
             Some(mut warm) => {
-                warm.store.data_mut().start_call(request);
-                warm.store.set_epoch_deadline(ticks(deadline));
+                warm.store.data_mut().start_call(request, deadline);
+                warm.store.set_epoch_deadline(1);
                 warm
             }
             None => {
-                let (store, handler) = self.instantiate(request, deadline)?;
+                let mut store = self.fresh_store(request, deadline)?;
+                let instantiated =
+                    tokio::time::timeout_at(expires, self.pre.instantiate_async(&mut store)).await;
+                let handler = settle(instantiated, &store, deadline)?;
                 Warm {
                     store,
                     handler,
@@ -396,50 +437,52 @@ impl HandlerCode {
                 }
             }
         };
-        let result = warm
-            .handler
-            .edge_methods_handler()
-            .call_handle(&mut warm.store, request);
-        match result {
-            Ok(response) => {
-                warm.calls += 1;
-                if warm.calls < max_calls {
-                    let mut idle = self.warm.lock().unwrap_or_else(PoisonError::into_inner);
-                    if idle.len() < WARM_MAX {
-                        idle.push(warm);
-                    }
-                }
-                Ok(response)
+        let handled = tokio::time::timeout_at(
+            expires,
+            warm.handler
+                .edge_methods_handler()
+                .call_handle(&mut warm.store, request),
+        )
+        .await;
+        // A trap, a deadline or exhausted memory: the instance is dropped here.
+        let response = settle(handled, &warm.store, deadline)?;
+        warm.calls += 1;
+        if warm.calls < max_calls {
+            let mut idle = self.warm.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < WARM_MAX {
+                idle.push(warm);
             }
-            // A trap, a deadline or exhausted memory: the instance is dropped here.
-            Err(error) => Err(describe_failure(error, &warm.store, deadline)),
         }
+        Ok((response, Spent { _store: None }))
     }
 
-    /// Tears down the instances of finished fresh calls: work that need not delay an
-    /// answer, so the host does it once the answer is on its way.
-    pub fn recycle(&self) {
-        let spent = std::mem::take(&mut *self.spent.lock().unwrap_or_else(PoisonError::into_inner));
-        drop(spent);
-    }
-
-    /// A fresh Store and instance for `request`.
-    fn instantiate(
+    /// A fresh Store for `request`.
+    fn fresh_store(
         &self,
         request: &Request,
         deadline: Duration,
-    ) -> Result<(Store<CallState>, DeviceHandler), CallError> {
-        let mut store = new_store(
+    ) -> Result<Store<CallState>, CallError> {
+        new_store(
             &self.engine,
             &self.context,
             &request.method,
             &request.request_id,
             deadline,
-        )?;
-        match self.pre.instantiate(&mut store) {
-            Ok(handler) => Ok((store, handler)),
-            Err(error) => Err(describe_failure(error, &store, deadline)),
-        }
+        )
+    }
+}
+
+/// What a step of a call bounded by its deadline came to, as a call failure: the
+/// deadline's timer fired (the handler was blocked in a host call), or wasm failed.
+fn settle<T>(
+    outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+    store: &Store<CallState>,
+    deadline: Duration,
+) -> Result<T, CallError> {
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(describe_failure(error, store, deadline)),
+        Err(_) => Err(CallError::Deadline(deadline)),
     }
 }
 
@@ -473,10 +516,10 @@ pub struct CallState {
     limiter: MemoryLimiter,
     /// The handler's identity and configuration.
     context: Arc<HandlerContext>,
-    /// The method being served, for log lines.
-    method: Arc<str>,
-    /// The request being served, for log lines.
-    request_id: Arc<str>,
+    /// When the call must be over: the epoch callback traps running wasm past it.
+    deadline: Instant,
+    /// The `log` import's lines, capped per call.
+    log: HandlerLog,
     /// The handler's stdout, retagged for each call of a reused instance.
     stdout: LogStream,
     /// The handler's stderr, likewise.
@@ -485,12 +528,14 @@ pub struct CallState {
 
 impl CallState {
     /// Readies a reused instance's state for another call.
-    fn start_call(&mut self, request: &Request) {
-        self.method = Arc::from(request.method.as_str());
-        self.request_id = Arc::from(request.request_id.as_str());
-        self.stdout.start_call(&self.method, &self.request_id);
-        self.stderr.start_call(&self.method, &self.request_id);
+    fn start_call(&mut self, request: &Request, deadline: Duration) {
+        let method = Arc::from(request.method.as_str());
+        let request_id = Arc::from(request.request_id.as_str());
+        self.log.start_call(&method, &request_id);
+        self.stdout.start_call(&method, &request_id);
+        self.stderr.start_call(&method, &request_id);
         self.limiter.exhausted = false;
+        self.deadline = Instant::now() + deadline;
     }
 }
 
@@ -505,19 +550,14 @@ impl WasiView for CallState {
 
 impl host_api::Host for CallState {
     fn log(&mut self, level: Level, message: String) {
-        let (file, method, rid) = (&self.context.file, &self.method, &self.request_id);
-        macro_rules! log_at {
-            ($level:ident) => {
-                tracing::$level!(target: "edge_host::handler", handler = %file, method = %method, rid = %rid, "{message}")
-            };
-        }
-        match level {
-            Level::Trace => log_at!(trace),
-            Level::Debug => log_at!(debug),
-            Level::Info => log_at!(info),
-            Level::Warn => log_at!(warn),
-            Level::Error => log_at!(error),
-        }
+        let level = match level {
+            Level::Trace => tracing::Level::TRACE,
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        self.log.line(level, &message);
     }
 
     fn device_id(&mut self) -> String {
@@ -573,13 +613,5 @@ mod tests {
             keep_resident: false,
         };
         engine(&config, false).expect("a plain pooling engine");
-    }
-
-    #[test]
-    fn deadlines_round_up_to_whole_ticks() {
-        assert_eq!(ticks(Duration::ZERO), 1);
-        assert_eq!(ticks(EPOCH_TICK), 1);
-        assert_eq!(ticks(EPOCH_TICK + Duration::from_nanos(1)), 2);
-        assert_eq!(ticks(Duration::from_secs(1)), 200);
     }
 }

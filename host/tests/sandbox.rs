@@ -121,26 +121,125 @@ async fn an_endless_loop_costs_only_its_call_and_is_answered_504() {
     s.host.stop().await.expect("clean stop");
 }
 
+/// A sleep that outlasts any test: `u32::MAX` ms, about 49 days.
+const FOREVER: &[u8] = br#"{"ms":4294967295}"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_blocked_in_a_wasi_sleep_past_its_deadline_gets_504_and_blocks_no_one() {
+async fn a_handler_blocked_forever_in_a_host_call_is_answered_504_at_its_deadline() {
     let mut s = setup(&[("echo", None), ("misbehave", Some("timeout_ms = 300"))]).await;
     let rid = s.client.request_id();
     let topic = s.client.namespace().request_topic("sleep", &rid);
-    s.client
-        .send(&topic, br#"{"ms":2000}"#)
-        .await
-        .expect("send");
-    // While it sleeps in a host call (where epoch interruption cannot reach it), the
-    // host serves others...
+    s.client.send(&topic, FOREVER).await.expect("send");
+    // While it sleeps in a host call, the host serves others...
     s.still_serves().await;
-    // ...and the sleeper is ended with 504 as soon as it is back in wasm.
+    // ...and the sleeper, which would never come back to wasm, is dropped at its
+    // deadline and answered.
     let (status, body) = s.client.answer(&rid).await.expect("answered");
     assert_eq!(
         (status, error(&body).0),
         (504, "deadlineExceeded"),
         "{body}"
     );
+    assert!(error(&body).1.contains("300 ms"), "{body}");
     s.still_serves().await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_stuck_in_host_calls_never_starve_other_handlers_and_free_their_places() {
+    // The host's bound is 64; misbehave sets none of its own, so it gets 3/4 of it.
+    let mut s = setup(&[("echo", None), ("misbehave", Some("timeout_ms = 2000"))]).await;
+    let mut sent = Vec::new();
+    for _ in 0..70 {
+        let rid = s.client.request_id();
+        let topic = s.client.namespace().request_topic("sleep", &rid);
+        s.client.send(&topic, FOREVER).await.expect("send");
+        sent.push(rid);
+    }
+    // Calls over the handler's share are refused at once...
+    let mut answered = std::collections::HashMap::new();
+    while answered.len() < 22 {
+        let (rid, status, body) = s
+            .client
+            .any_answer(Duration::from_secs(30))
+            .await
+            .expect("the calls over the share are answered at once");
+        assert_eq!(status, 503, "{rid}: {body}");
+        assert!(error(&body).1.contains("misbehave.wasm limit 48"), "{body}");
+        answered.insert(rid, status);
+    }
+    // ...and while 48 calls are stuck, the other handlers answer.
+    s.still_serves().await;
+    // At the deadline every stuck call is answered 504, and its place is free again.
+    while answered.len() < sent.len() {
+        let (rid, status, body) = s
+            .client
+            .any_answer(Duration::from_secs(30))
+            .await
+            .expect("every stuck call is answered at its deadline");
+        assert_eq!(
+            (status, error(&body).0),
+            (504, "deadlineExceeded"),
+            "{body}"
+        );
+        assert!(answered.insert(rid, status).is_none(), "answered twice");
+    }
+    let (status, body) = s.call("status", r#"{"status":201}"#).await;
+    assert_eq!(status, 201, "the handler serves again: {body}");
+    s.still_serves().await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_hangs_while_listing_its_methods_fails_to_load_with_why() {
+    let mut s = setup(&[
+        ("echo", None),
+        (
+            "misbehave",
+            Some("[config]\nlist_sleep_ms = \"4294967295\""),
+        ),
+    ])
+    .await;
+    let catalog = testkit::catalog(&s.host.broker, DEVICE)
+        .await
+        .expect("catalog");
+    let failure = catalog
+        .failures
+        .iter()
+        .find(|f| f.handler == "misbehave.wasm")
+        .unwrap_or_else(|| panic!("misbehave is listed as failed: {catalog:?}"));
+    assert!(
+        failure.error.contains("ran past its deadline"),
+        "{failure:?}"
+    );
+    s.still_serves().await;
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_import_is_capped_per_call_and_the_call_answers() {
+    let mut s = setup(&[("echo", None), ("misbehave", None)]).await;
+    let logs = testkit::capture_logs();
+    // One line of 8 MiB, then 200,000 short lines: each call logs a bounded part.
+    let (status, body) = s.call("logFlood", r#"{"lines":1,"bytes":8388608}"#).await;
+    assert_eq!((status, body), (200, json!({"logged": 1})));
+    let (status, body) = s.call("logFlood", r#"{"lines":200000,"bytes":10}"#).await;
+    assert_eq!((status, body), (200, json!({"logged": 200000})));
+    s.still_serves().await;
+    let logged = logs.lines_with("method=logFlood");
+    assert!(
+        logged.len() < 256 * 1024,
+        "the handler's log stayed bounded: {} bytes",
+        logged.len()
+    );
+    assert!(
+        logged.contains("dropped_lines=199744"),
+        "the drop is reported"
+    );
+    assert!(
+        logged.contains("dropped_bytes=8387584"),
+        "the cut is reported"
+    );
     s.host.stop().await.expect("clean stop");
 }
 

@@ -14,7 +14,16 @@ use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, host_config, presence}
 
 /// Starts the real `edge-host` binary for `device` on `broker`, serving `handlers`.
 fn spawn_host(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_edge-host"))
+    host_command(device, handlers, broker)
+        .spawn()
+        .expect("edge-host starts")
+}
+
+/// The command that runs the real `edge-host` binary for `device` on `broker`, serving
+/// `handlers`.
+fn host_command(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-host"));
+    command
         .args([
             "--device-id",
             device,
@@ -28,9 +37,8 @@ fn spawn_host(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Child 
             "RUST_LOG",
             std::env::var("HOST_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("edge-host starts")
+        .stdin(Stdio::null());
+    command
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -256,5 +264,65 @@ async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
     assert!(
         matches!(outcome, Err(CallError::NotOnline { .. })),
         "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_calls_stuck_in_host_calls_exits_within_the_grace_without_panics() {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["misbehave"]).expect("handlers");
+    let mut host = host_command("stuck-device", &handlers, &broker)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("edge-host starts");
+    presence(&broker.url(), "stuck-device", true, Duration::from_secs(30))
+        .await
+        .expect("online");
+    // Calls that sleep in a host call for days, with the default 30 s deadline.
+    let ns = Namespace::for_device("stuck-device").expect("valid");
+    let mut client = RawClient::connect(&broker.url(), &[ns.response_filter()])
+        .await
+        .expect("client");
+    for i in 0..8 {
+        let topic = ns.request_topic("sleep", &format!("stuck-{i}"));
+        client
+            .publish(&topic, r#"{"ms":4294967295}"#)
+            .await
+            .expect("sent");
+    }
+    // Wait until the host has taken them (its log says so at debug; here, the calls
+    // are in flight once a probe sent after them is answered).
+    let probe = ns.request_topic("status", "probe");
+    client
+        .publish(&probe, r#"{"status":200}"#)
+        .await
+        .expect("sent");
+    client
+        .next_where(Duration::from_secs(10), |t| t.ends_with("$rid=probe"))
+        .await
+        .expect("the probe is answered while the sleepers are stuck");
+
+    let stopped = Instant::now();
+    signal(&host, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let status = loop {
+        if let Some(status) = host.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host did not exit within its 10 s grace (and then some)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("stopped in {} ms", stopped.elapsed().as_millis());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut host.stderr.take().expect("piped"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(0), "a clean shutdown exits 0: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "no panic on the way out: {stderr}"
     );
 }
