@@ -13,6 +13,7 @@
 //! - [`sandbox`]: wasmtime. Compiles and pre-instantiates each version once; every call
 //!   gets a fresh Store with a deadline (kept in host calls too: calls are futures) and
 //!   a memory cap.
+//! - [`guest_io`]: what a handler prints or logs, to the host's log, capped per call.
 //! - [`config`]: settings and their defaults; per-handler sidecars.
 //! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
@@ -22,8 +23,8 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod dispatch;
+pub mod guest_io;
 pub mod mqtt;
-pub mod output;
 pub mod registry;
 pub mod sandbox;
 pub mod watcher;

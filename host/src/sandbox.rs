@@ -28,7 +28,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::cache::CompileCache;
 use crate::config::Grants;
 use crate::dispatch::CallError;
-use crate::output::{HandlerLog, LogStream};
+use crate::guest_io::{HandlerLog, LogStream};
 
 /// The bindings of the handler world, generated once; only what the host uses leaves.
 mod bindings {
