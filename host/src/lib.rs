@@ -11,6 +11,8 @@
 //!   swapped whole, so a call keeps the version it started on.
 //! - [`sandbox`]: wasmtime. Compiles and pre-instantiates each version once; every call
 //!   gets a fresh Store with a deadline and a memory cap.
+//! - [`loader`]: files to versions: reads the handlers folder, compiles what changed,
+//!   applies the folder's state to the registry; [`watcher`] runs it on file events.
 //! - [`config`]: settings and their defaults; per-handler sidecars.
 //! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
@@ -20,6 +22,7 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod dispatch;
+pub mod loader;
 pub mod mqtt;
 pub mod output;
 pub mod registry;
@@ -36,10 +39,10 @@ pub use config::Config;
 pub use dispatch::CallError;
 
 use crate::dispatch::Dispatcher;
+use crate::loader::Loader;
 use crate::mqtt::{Session, SessionConfig};
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::watcher::Loader;
 
 /// Instances the pool holds beyond the calls in flight: for loading handlers, and for
 /// the warm instances of handlers that opted in to reuse.
