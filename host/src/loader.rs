@@ -5,8 +5,11 @@
 //! A sync looks at the whole folder, so a missed, doubled or reordered event changes
 //! nothing: only a file whose content differs from what was last loaded is loaded
 //! again, and only a file that is gone is unregistered. A half-written file fails to
-//! load and leaves the last good version serving until the rest arrives.
+//! load and leaves the last good version serving until the rest arrives. What one look
+//! finds is applied in one swap ([`Registry::apply`]), so what serves depends on the
+//! folder's final state, not on the order the files are visited in.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,67 +35,96 @@ pub struct Loader {
     pub call_timeout: Duration,
 }
 
+/// A loaded version waiting to be applied, and what to log about it.
+struct Loaded {
+    file: String,
+    label: String,
+    methods: Vec<String>,
+    load_ms: u128,
+}
+
 impl Loader {
-    /// Loads every new or changed handler file in the folder and unregisters the ones
-    /// that are gone. Blocks while compiling: run it off the async threads.
+    /// Brings the registry in line with the folder as it is now, in one swap: every new
+    /// or changed handler file is loaded (off the serving path), and every file that is
+    /// gone is unregistered. Blocks while compiling: run it off the async threads.
     ///
     /// # Errors
     /// When the folder cannot be read; the registry is then left as it was.
     pub fn sync(&self, registry: &Registry) -> anyhow::Result<()> {
         let paths = handler_files(&self.dir)?;
-        let present: Vec<String> = paths.iter().map(|path| file_name(path)).collect();
-        for (path, file) in paths.iter().zip(&present) {
-            self.sync_file(registry, path, file);
-        }
+        let present: BTreeSet<String> = paths.iter().map(|path| file_name(path)).collect();
+        let mut changes = Vec::new();
         for file in registry.files() {
             if !present.contains(&file) {
-                registry.apply(&file, Change::Removed).ok();
-                tracing::info!(handler = %file, "handler removed; its methods answer 404");
+                tracing::info!(handler = %file, "handler removed");
+                changes.push((file, Change::Removed));
+            }
+        }
+        let mut loaded = Vec::new();
+        for path in &paths {
+            let file = file_name(path);
+            let started = Instant::now();
+            if let Some(change) = self.examine(registry, path, &file) {
+                if let Change::Loaded(_, version) = &change {
+                    loaded.push(Loaded {
+                        file: file.clone(),
+                        label: version.label(),
+                        methods: version
+                            .method_names()
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect(),
+                        load_ms: started.elapsed().as_millis(),
+                    });
+                }
+                changes.push((file, change));
+            }
+        }
+        let refused = registry.apply(changes);
+        for Loaded {
+            file,
+            label,
+            methods,
+            load_ms,
+        } in loaded
+        {
+            match refused.get(&file) {
+                None => tracing::info!(handler = %label, ?methods, load_ms, "handler loaded"),
+                Some(why) => tracing::error!(
+                    handler = %label, error = %why,
+                    "handler refused; it serves once the clash is gone, the last good version meanwhile"
+                ),
             }
         }
         Ok(())
     }
 
-    fn sync_file(&self, registry: &Registry, path: &Path, file: &str) {
+    /// What changed about one handler file since the registry last saw it, if anything.
+    fn examine(&self, registry: &Registry, path: &Path, file: &str) -> Option<Change> {
         let sidecar_path = path.with_extension("toml");
-        let (wasm, sidecar) = match read_sources(path, &sidecar_path) {
+        let sources = match read_sources(path, &sidecar_path) {
             Ok(sources) => sources,
             // Gone between listing and reading, or unreadable: the next event tells.
             Err(error) => {
                 tracing::debug!(handler = %file, %error, "handler file not readable now");
-                return;
+                return None;
             }
         };
         let fingerprint = Fingerprint {
-            wasm: digest(&wasm),
-            sidecar: sidecar.as_deref().map(|text| digest(text.as_bytes())),
+            wasm: digest(&sources.wasm),
+            sidecar: sources.sidecar.as_deref().map(digest),
         };
+        // Unchanged: serving, failed, or waiting for a clash to clear (the registry
+        // serves it then without a new load).
         if registry.fingerprint(file).as_ref() == Some(&fingerprint) {
-            return;
+            return None;
         }
-        let started = Instant::now();
-        match self.load(file, &wasm, sidecar.as_deref(), &sidecar_path, &fingerprint) {
-            Ok(version) => {
-                let label = version.label();
-                let methods: Vec<String> = version
-                    .method_names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect();
-                match registry.apply(file, Change::Loaded(fingerprint, Box::new(version))) {
-                    Ok(()) => tracing::info!(
-                        handler = %label, ?methods, load_ms = started.elapsed().as_millis(),
-                        "handler loaded"
-                    ),
-                    Err(why) => {
-                        tracing::error!(handler = %label, error = %why, "handler refused; the last good version serves")
-                    }
-                }
-            }
+        match self.load(file, &sources, &sidecar_path, &fingerprint) {
+            Ok(version) => Some(Change::Loaded(fingerprint, Box::new(version))),
             Err(error) => {
                 let why = format!("{error:#}");
                 tracing::error!(handler = %file, error = %why, "handler failed to load; the last good version (if any) serves");
-                registry.apply(file, Change::Failed(fingerprint, why)).ok();
+                Some(Change::Failed(Some(fingerprint), why))
             }
         }
     }
@@ -100,13 +132,14 @@ impl Loader {
     fn load(
         &self,
         file: &str,
-        wasm: &[u8],
-        sidecar: Option<&str>,
+        sources: &Sources,
         sidecar_path: &Path,
         fingerprint: &Fingerprint,
     ) -> anyhow::Result<HandlerVersion> {
-        let settings = match sidecar {
-            Some(text) => HandlerSettings::parse_sidecar(text, &self.defaults)
+        let settings = match &sources.sidecar {
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| HandlerSettings::parse_sidecar(text, &self.defaults))
                 .with_context(|| format!("invalid sidecar {}", sidecar_path.display()))?,
             None => self.defaults.clone(),
         };
@@ -118,7 +151,9 @@ impl Loader {
             grants: settings.grants,
             reuse: settings.reuse.then_some(settings.reuse_max_calls),
         };
-        let code = self.sandbox.load(wasm, &fingerprint.wasm, context)?;
+        let code = self
+            .sandbox
+            .load(&sources.wasm, &fingerprint.wasm, context)?;
         Ok(HandlerVersion {
             file: file.to_owned(),
             digest: fingerprint.wasm.clone(),
@@ -134,15 +169,22 @@ impl Loader {
     }
 }
 
+/// A handler file's contents and its sidecar's, as read.
+struct Sources {
+    wasm: Vec<u8>,
+    /// None when there is no sidecar.
+    sidecar: Option<Vec<u8>>,
+}
+
 /// Reads a handler file and its sidecar (none when it does not exist).
-fn read_sources(path: &Path, sidecar: &Path) -> std::io::Result<(Vec<u8>, Option<String>)> {
+fn read_sources(path: &Path, sidecar: &Path) -> std::io::Result<Sources> {
     let wasm = std::fs::read(path)?;
-    let sidecar = match std::fs::read_to_string(sidecar) {
-        Ok(text) => Some(text),
+    let sidecar = match std::fs::read(sidecar) {
+        Ok(bytes) => Some(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    Ok((wasm, sidecar))
+    Ok(Sources { wasm, sidecar })
 }
 
 /// `sha256:<hex>` of `bytes`.

@@ -352,3 +352,60 @@ async fn a_restart_with_a_warm_cache_compiles_nothing_and_a_corrupt_entry_is_reb
         "only the corrupt entry is compiled again"
     );
 }
+
+/// Whether the catalog lists `method` as served by `handler`.
+fn serves(catalog: &Catalog, method: &str, handler: &str) -> bool {
+    catalog
+        .methods
+        .iter()
+        .any(|m| m.name == method && m.handler == handler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_a_handler_file_serves_its_methods_under_the_new_name() {
+    let s = setup(&["echo"]).await;
+    let dir = s.handlers.path();
+    std::fs::rename(dir.join("echo.wasm"), dir.join("echo2.wasm")).expect("mv");
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "echo", "echo2.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("echo is served by echo2.wasm, and nothing is blamed");
+    assert!(!catalog.methods.iter().any(|m| m.handler == "echo.wasm"));
+    assert_eq!(call(&s.caller, "echo", "[2]").await, (200, json!([2])));
+
+    // And back again: the name that was removed is a new file like any other.
+    std::fs::rename(dir.join("echo2.wasm"), dir.join("echo.wasm")).expect("mv back");
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "echo", "echo.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("echo is served by echo.wasm again");
+    assert_eq!(call(&s.caller, "echo", "[3]").await, (200, json!([3])));
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_for_a_clash_serves_once_the_clash_is_gone() {
+    let s = setup(&[]).await;
+    deploy_atomically(Ok("version-b"), &s.handlers.path().join("impostor.wasm"));
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        c.failures.iter().any(|f| f.handler == "impostor.wasm")
+    })
+    .await
+    .expect("the clash is reported");
+    assert_eq!(version(&s.caller).await, "a");
+
+    // The file that held the method goes; the refused one, unchanged, takes over.
+    std::fs::remove_file(s.handlers.path().join("version.wasm")).expect("delete");
+    until("the refused file serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "version", "impostor.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("the clash is no longer reported");
+    s.host.stop().await.expect("clean stop");
+}
