@@ -8,8 +8,14 @@
 //! load and leaves the last good version serving until the rest arrives. What one look
 //! finds is applied in one swap ([`Registry::apply`]), so what serves depends on the
 //! folder's final state, not on the order the files are visited in.
+//!
+//! Only regular files (or symlinks to them) are read, each under a size cap
+//! ([`MAX_HANDLER_BYTES`], [`MAX_SIDECAR_BYTES`]); anything else named like a handler
+//! or a sidecar is reported in the catalog's failures, unread.
 
 use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +41,15 @@ pub struct Loader {
     pub call_timeout: Duration,
 }
 
+/// The largest handler file read. Components of interpreted languages carry their
+/// interpreter: a Python handler is about 18 MB, a JavaScript one 12 MB; 256 MiB leaves
+/// room for far larger ones and still stops a file that would exhaust memory.
+pub const MAX_HANDLER_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The largest sidecar read: a few settings and config values take a few KiB; a
+/// sidecar over 1 MiB is a mistake (or an attack on the catalog) and fails to load.
+pub const MAX_SIDECAR_BYTES: u64 = 1024 * 1024;
+
 /// A loaded version waiting to be applied, and what to log about it.
 struct Loaded {
     file: String,
@@ -45,8 +60,9 @@ struct Loaded {
 
 impl Loader {
     /// Brings the registry in line with the folder as it is now, in one swap: every new
-    /// or changed handler file is loaded (off the serving path), and every file that is
-    /// gone is unregistered. Blocks while compiling: run it off the async threads.
+    /// or changed handler file is loaded (off the serving path), every file that is
+    /// gone is unregistered, and a file that cannot be read (not a regular file, too
+    /// large) is reported. Blocks while compiling: run it off the async threads.
     ///
     /// # Errors
     /// When the folder cannot be read; the registry is then left as it was.
@@ -104,10 +120,15 @@ impl Loader {
         let sidecar_path = path.with_extension("toml");
         let sources = match read_sources(path, &sidecar_path) {
             Ok(sources) => sources,
-            // Gone between listing and reading, or unreadable: the next event tells.
-            Err(error) => {
-                tracing::debug!(handler = %file, %error, "handler file not readable now");
-                return None;
+            // Gone between listing and reading: the event of its removal follows.
+            Err(Unreadable::Gone) => return None,
+            Err(Unreadable::Refused(why)) => {
+                let unchanged = registry.fingerprint(file).is_none()
+                    && registry.failure(file) == Some(why.clone());
+                if !unchanged {
+                    tracing::error!(handler = %file, error = %why, "handler not read; the last good version (if any) serves");
+                }
+                return (!unchanged).then_some(Change::Failed(None, why));
             }
         };
         let fingerprint = Fingerprint {
@@ -176,15 +197,98 @@ struct Sources {
     sidecar: Option<Vec<u8>>,
 }
 
-/// Reads a handler file and its sidecar (none when it does not exist).
-fn read_sources(path: &Path, sidecar: &Path) -> std::io::Result<Sources> {
-    let wasm = std::fs::read(path)?;
-    let sidecar = match std::fs::read(sidecar) {
+/// Why a handler file was not read.
+enum Unreadable {
+    /// It is gone.
+    Gone,
+    /// It (or its sidecar) is there but is not read: why, for the catalog.
+    Refused(String),
+}
+
+/// Reads a handler file and its sidecar (none when there is none).
+fn read_sources(path: &Path, sidecar: &Path) -> Result<Sources, Unreadable> {
+    let wasm = read_regular(path, MAX_HANDLER_BYTES)?;
+    let sidecar = match read_regular(sidecar, MAX_SIDECAR_BYTES) {
         Ok(bytes) => Some(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+        Err(Unreadable::Gone) => None,
+        Err(refused) => return Err(refused),
     };
     Ok(Sources { wasm, sidecar })
+}
+
+/// Reads `path` if it is a regular file (or a symlink to one) of at most `max` bytes.
+///
+/// Anything else is refused unread: a FIFO would block the loader until a writer came,
+/// a device such as `/dev/zero` would be read until memory ran out, and a folder named
+/// like a sidecar must not quietly stand for "no sidecar".
+fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, Unreadable> {
+    let name = file_name(path);
+    // Look before opening: opening a FIFO or a device can block or act by itself.
+    let metadata = std::fs::metadata(path).map_err(|e| not_read(path, &name, &e))?;
+    check_regular(&name, &metadata, max)?;
+    // Non-blocking, in case a FIFO took the file's place since: the open cannot hang,
+    // and the opened file's own metadata says what was opened.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| not_read(path, &name, &e))?;
+    let metadata = file.metadata().map_err(|e| not_read(path, &name, &e))?;
+    check_regular(&name, &metadata, max)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    // One byte past the cap tells a file that grew while being read.
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| not_read(path, &name, &e))?;
+    if bytes.len() as u64 > max {
+        return Err(Unreadable::Refused(format!(
+            "{name} is over {max} bytes, the limit"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Refuses what is not a regular file of at most `max` bytes.
+fn check_regular(name: &str, metadata: &std::fs::Metadata, max: u64) -> Result<(), Unreadable> {
+    let kind = metadata.file_type();
+    let what = if kind.is_file() {
+        if metadata.len() > max {
+            return Err(Unreadable::Refused(format!(
+                "{name} is {} bytes; the limit is {max}",
+                metadata.len()
+            )));
+        }
+        return Ok(());
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    };
+    Err(Unreadable::Refused(format!(
+        "{name} is not a regular file ({what}); only regular files and symlinks to them are read"
+    )))
+}
+
+/// Why `path` could not be looked at or read: gone, or a reason for the catalog.
+fn not_read(path: &Path, name: &str, error: &std::io::Error) -> Unreadable {
+    if error.kind() != std::io::ErrorKind::NotFound {
+        return Unreadable::Refused(format!("{name} cannot be read: {error}"));
+    }
+    // A symlink whose target is missing is there, but stands for nothing.
+    match std::fs::symlink_metadata(path) {
+        Ok(link) if link.file_type().is_symlink() => {
+            Unreadable::Refused(format!("{name} is a symlink to nothing"))
+        }
+        _ => Unreadable::Gone,
+    }
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -192,7 +296,8 @@ pub fn digest(bytes: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(bytes))
 }
 
-/// The handler files directly in `dir`: `*.wasm`, not hidden, sorted by name.
+/// The handler files directly in `dir`: `*.wasm`, not hidden, sorted by name; of any
+/// type (what is not a regular file is refused when read, and reported).
 ///
 /// # Errors
 /// When the folder cannot be read.
@@ -202,7 +307,7 @@ pub fn handler_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .filter(|path| is_handler_source(path) && path.is_file())
+        .filter(|path| is_handler_source(path))
         .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
         .collect();
     files.sort();

@@ -409,3 +409,121 @@ async fn a_file_refused_for_a_clash_serves_once_the_clash_is_gone() {
     .expect("the clash is no longer reported");
     s.host.stop().await.expect("clean stop");
 }
+
+/// Opens a FIFO's writing end when dropped, so that a reader stuck opening it (a
+/// loader that does not refuse FIFOs) is let go when the test ends, pass or fail.
+struct FifoRelease(std::path::PathBuf);
+
+impl Drop for FifoRelease {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Without a reader, a non-blocking open for writing fails at once: fine.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0)
+            .ok();
+    }
+}
+
+fn mkfifo(path: &Path) -> FifoRelease {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", path.display());
+    FifoRelease(path.to_owned())
+}
+
+/// The failure the catalog reports for `handler`, if any.
+fn failure<'c>(catalog: &'c Catalog, handler: &str) -> Option<&'c str> {
+    catalog
+        .failures
+        .iter()
+        .find(|f| f.handler == handler)
+        .map(|f| f.error.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_devices_and_folders_named_like_handler_files_are_reported_not_read() {
+    let s = setup(&["echo"]).await;
+    let dir = s.handlers.path();
+    // A FIFO as a sidecar: reading it would wait for a writer forever.
+    let _fifo_sidecar = mkfifo(&dir.join("echo.toml"));
+    // A FIFO and a device as handlers.
+    let _fifo_handler = mkfifo(&dir.join("pipe.wasm"));
+    std::os::unix::fs::symlink("/dev/zero", dir.join("zero.wasm")).expect("ln -s");
+    // A folder named like a sidecar, beside a good handler.
+    std::fs::create_dir(dir.join("info.toml")).expect("mkdir");
+    std::fs::copy(guest("device-info"), dir.join("info.wasm")).expect("copy");
+    // And after all that, a new version: the loader must still be working.
+    deploy_atomically(Ok("version-b"), &dir.join("version.wasm"));
+
+    until("the new version serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| c.failures.len() == 4)
+        .await
+        .expect("every odd file is reported");
+    for (handler, why) in [
+        ("echo.wasm", "echo.toml is not a regular file (a FIFO)"),
+        ("pipe.wasm", "pipe.wasm is not a regular file (a FIFO)"),
+        (
+            "zero.wasm",
+            "zero.wasm is not a regular file (a character device)",
+        ),
+        ("info.wasm", "info.toml is not a regular file (a folder)"),
+    ] {
+        let error = failure(&catalog, handler).unwrap_or_default();
+        assert!(error.contains(why), "{handler}: {error:?}; {catalog:?}");
+    }
+    assert_eq!(
+        call(&s.caller, "echo", "5").await,
+        (200, json!(5)),
+        "echo's last good version serves"
+    );
+    assert_eq!(call(&s.caller, "getInfo", "null").await.0, 404);
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_linked_to_dev_zero_is_refused_unread() {
+    let s = setup(&[]).await;
+    let dir = s.handlers.path();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("echo.toml")).expect("ln -s");
+    deploy_atomically(Ok("echo"), &dir.join("echo.wasm"));
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some()
+    })
+    .await
+    .expect("the sidecar is reported");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(
+        error.contains("echo.toml is not a regular file (a character device)"),
+        "{error}"
+    );
+    assert_eq!(version(&s.caller).await, "a", "the host goes on");
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_file_over_the_size_cap_is_refused_unread() {
+    let s = setup(&[]).await;
+    // Sparse: 300 MiB long, nothing on disk.
+    let big = std::fs::File::create(s.handlers.path().join("big.wasm")).expect("create");
+    big.set_len(300 << 20).expect("set_len");
+    drop(big);
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "big.wasm").is_some()
+    })
+    .await
+    .expect("the file is reported");
+    let error = failure(&catalog, "big.wasm").unwrap_or_default();
+    assert!(
+        error.contains("big.wasm is 314572800 bytes; the limit is 268435456"),
+        "{error}"
+    );
+    assert_eq!(version(&s.caller).await, "a", "the host goes on");
+    s.host.stop().await.expect("clean stop");
+}
