@@ -527,3 +527,78 @@ async fn a_handler_file_over_the_size_cap_is_refused_unread() {
     assert_eq!(version(&s.caller).await, "a", "the host goes on");
     s.host.stop().await.expect("clean stop");
 }
+
+/// Starts a host serving the folder at `handlers` (a path that may not be a
+/// [`HandlerDir`]: a symlink, or a folder the test replaces), and a caller.
+async fn start_at(broker: &Mosquitto, handlers: &Path) -> (TestHost, Caller) {
+    testkit::init_logging();
+    let host = TestHost::start(host_config(DEVICE, handlers, broker.url()))
+        .await
+        .expect("host starts");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller connects");
+    (host, caller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_folder_removed_and_created_again_is_still_watched() {
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let root = tempfile::tempdir().expect("temp folder");
+    let dir = root.path().join("handlers");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::copy(guest("version-a"), dir.join("version.wasm")).expect("copy");
+    let (host, caller) = start_at(&broker, &dir).await;
+    assert_eq!(version(&caller).await, "a");
+
+    // rm -rf handlers && mkdir handlers && cp ...
+    std::fs::remove_dir_all(&dir).expect("rm -rf");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::copy(guest("version-b"), dir.join("version.wasm")).expect("copy");
+    until("the new folder's version serves", || async {
+        version(&caller).await == "b"
+    })
+    .await;
+    // Later changes to the new folder are seen too.
+    deploy_atomically(Ok("echo"), &dir.join("echo.wasm"));
+    until("a file added to the new folder serves", || async {
+        call(&caller, "echo", "1").await.0 == 200
+    })
+    .await;
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_handlers_folder_swapped_to_a_new_release_is_still_watched() {
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let root = tempfile::tempdir().expect("temp folder");
+    let release = |n: u32, package: &str| {
+        let dir = root.path().join(format!("release-{n}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::copy(guest(package), dir.join("version.wasm")).expect("copy");
+        dir
+    };
+    let current = root.path().join("current");
+    // ln -sfn: a new link under a temporary name, renamed over the old one.
+    let point_at = |target: &Path| {
+        let tmp = root.path().join(".current.tmp");
+        std::os::unix::fs::symlink(target, &tmp).expect("ln -s");
+        std::fs::rename(&tmp, &current).expect("mv -T");
+    };
+    point_at(&release(1, "version-a"));
+    let (host, caller) = start_at(&broker, &current).await;
+    assert_eq!(version(&caller).await, "a");
+
+    let second = release(2, "version-b");
+    point_at(&second);
+    until("the new release serves", || async {
+        version(&caller).await == "b"
+    })
+    .await;
+    deploy_atomically(Ok("echo"), &second.join("echo.wasm"));
+    until("a file added to the new release serves", || async {
+        call(&caller, "echo", "1").await.0 == 200
+    })
+    .await;
+    host.stop().await.expect("clean stop");
+}
