@@ -267,30 +267,29 @@ impl Registry {
         self.generation.subscribe()
     }
 
-    /// The method catalog, as published on `NS$edge/methods`.
+    /// The method catalog, as published on `NS$edge/methods`: within
+    /// [`edge_proto::message::CATALOG_MAX_BYTES`] however many handlers and texts.
     pub fn catalog(&self) -> Catalog {
         let table = self.snapshot();
-        let mut catalog = Catalog::default();
+        let mut methods = Vec::new();
+        let mut failures = Vec::new();
         for (file, slot) in &table.files {
             if let Some(version) = &slot.serving {
-                catalog
-                    .methods
-                    .extend(version.code.methods().iter().map(|m| CatalogEntry {
-                        name: m.name.clone(),
-                        description: m.description.clone(),
-                        handler: file.clone(),
-                        digest: version.digest.clone(),
-                    }));
+                methods.extend(version.code.methods().iter().map(|m| CatalogEntry {
+                    name: m.name.clone(),
+                    description: m.description.clone(),
+                    handler: file.clone(),
+                    digest: version.digest.clone(),
+                }));
             }
             if let Some(why) = &slot.failure {
-                catalog.failures.push(CatalogFailure {
+                failures.push(CatalogFailure {
                     handler: file.clone(),
                     error: why.clone(),
                 });
             }
         }
-        catalog.methods.sort_by(|a, b| a.name.cmp(&b.name));
-        catalog
+        Catalog::bounded(methods, failures)
     }
 }
 

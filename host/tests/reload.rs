@@ -602,3 +602,94 @@ async fn a_symlinked_handlers_folder_swapped_to_a_new_release_is_still_watched()
     .await;
     host.stop().await.expect("clean stop");
 }
+
+/// The retained catalog's size in bytes, as the broker holds it.
+async fn catalog_bytes(broker: &Mosquitto) -> usize {
+    let topic = edge_proto::Namespace::for_device(DEVICE)
+        .expect("namespace")
+        .catalog_topic();
+    let mut reader = testkit::RawClient::connect(&broker.url(), std::slice::from_ref(&topic))
+        .await
+        .expect("reader connects");
+    let (_, body) = reader
+        .next_where(Duration::from_secs(5), |_| true)
+        .await
+        .expect("retained catalog");
+    body.len()
+}
+
+/// Whether the device's retained presence says online now.
+async fn online(broker: &Mosquitto) -> bool {
+    testkit::presence(&broker.url(), DEVICE, true, Duration::from_secs(5))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_over_its_size_cap_is_reported_and_the_device_stays_online() {
+    let s = setup(&["echo"]).await;
+    // 1.2 MB on one line that is not TOML: a parser's error would quote all of it.
+    let text = format!("model = {}\n", "x".repeat(1_200_000));
+    std::fs::write(s.handlers.path().join("echo.toml"), text).expect("sidecar");
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some()
+    })
+    .await
+    .expect("the sidecar is reported");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(
+        error.contains("echo.toml is 1200009 bytes; the limit is 1048576"),
+        "{error}"
+    );
+    assert!(online(&s.broker).await, "the device is online");
+    assert_eq!(call(&s.caller, "echo", "8").await, (200, json!(8)));
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_with_huge_texts_is_cut_to_fit_and_the_device_stays_online() {
+    let s = setup(&[]).await;
+    let dir = s.handlers.path();
+    // Just under the sidecar cap, one line the TOML parser quotes (and underlines)
+    // whole in its error: about 2 MB of failure text.
+    let text = format!("model = {}\n", "x".repeat(1_000_000));
+    std::fs::copy(guest("echo"), dir.join("echo.wasm")).expect("copy");
+    std::fs::write(dir.join("echo.toml"), text).expect("sidecar");
+    // A description of 900 kB, given through the sidecar's config.
+    let description = "d".repeat(900_000);
+    std::fs::write(
+        dir.join("named.toml"),
+        format!("[config]\ndescription = \"{description}\"\n"),
+    )
+    .expect("sidecar");
+    deploy_atomically(Ok("named"), &dir.join("named.wasm"));
+
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some() && c.methods.iter().any(|m| m.name == "named")
+    })
+    .await
+    .expect("the failure and the method are listed");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(error.starts_with("invalid sidecar"), "{}", &error[..200]);
+    assert!(
+        error.len() < 8 * 1024,
+        "failure text cut: {} bytes",
+        error.len()
+    );
+    assert!(error.contains("bytes cut]"), "the cut is marked");
+    let named = catalog
+        .methods
+        .iter()
+        .find(|m| m.name == "named")
+        .expect("named");
+    assert!(named.description.starts_with("ddd"));
+    assert!(named.description.len() < 8 * 1024);
+    assert!(
+        named.description.contains("bytes cut]"),
+        "the cut is marked"
+    );
+    assert!(catalog_bytes(&s.broker).await <= edge_proto::message::CATALOG_MAX_BYTES);
+    assert!(online(&s.broker).await, "the device is online");
+    assert_eq!(call(&s.caller, "named", "9").await, (200, json!(9)));
+    s.host.stop().await.expect("clean stop");
+}

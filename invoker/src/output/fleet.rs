@@ -205,7 +205,7 @@ mod tests {
                 presence: presence(true, Some("2026-11-26T12:30:36Z"), None),
                 catalog: Some(Catalog {
                     methods: vec![entry("echo"), entry("reboot")],
-                    failures: vec![],
+                    ..Catalog::default()
                 }),
             },
             DeviceState {
@@ -217,6 +217,7 @@ mod tests {
                         handler: "broken.wasm".into(),
                         error: "not a component:\n  --> 1:1\n".into(),
                     }],
+                    ..Catalog::default()
                 }),
             },
             DeviceState {
