@@ -107,6 +107,18 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// How many methods the device serves, listed or left out.
+    pub fn methods_served(&self) -> usize {
+        self.methods.len() + self.methods_omitted
+    }
+
+    /// How many handler files failed to load, listed or left out.
+    pub fn failed_handlers(&self) -> usize {
+        self.failures.len() + self.failures_omitted
+    }
+}
+
 /// How many of `items`, from the first, fit in `room` bytes of a JSON list, and the
 /// bytes they take.
 fn fitting<T: Serialize>(items: &[T], room: usize) -> (usize, usize) {
