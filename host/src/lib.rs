@@ -14,6 +14,8 @@
 //!   gets a fresh Store with a deadline (kept in host calls too: calls are futures) and
 //!   a memory cap.
 //! - [`guest_io`]: what a handler prints or logs, to the host's log, capped per call.
+//! - [`loader`]: files to versions: reads the handlers folder, compiles what changed,
+//!   applies the folder's state to the registry; [`watcher`] runs it on file events.
 //! - [`config`]: settings and their defaults; per-handler sidecars.
 //! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
@@ -24,6 +26,7 @@ pub mod cache;
 pub mod config;
 pub mod dispatch;
 pub mod guest_io;
+pub mod loader;
 pub mod mqtt;
 pub mod registry;
 pub mod sandbox;
@@ -39,10 +42,10 @@ pub use config::Config;
 pub use dispatch::CallError;
 
 use crate::dispatch::Dispatcher;
+use crate::loader::Loader;
 use crate::mqtt::{Session, SessionConfig};
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::watcher::Loader;
 
 /// Instances the pool holds beyond the calls in flight: for loading handlers, and for
 /// the warm instances of handlers that opted in to reuse.

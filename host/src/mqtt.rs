@@ -30,6 +30,10 @@ const MAX_PACKET: usize = 1024 * 1024;
 /// QoS 0 requests it cannot deliver.
 const OWED_MAX: usize = 32 * 1024;
 
+/// The bytes of a QoS 1 PUBLISH packet besides its topic and payload: the fixed header
+/// (1, and up to 4 of remaining length), the topic's length (2) and the packet id (2).
+const PUBLISH_OVERHEAD: usize = 9;
+
 /// How long a clean shutdown waits for calls in flight to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -142,14 +146,26 @@ impl Session {
     }
 
     /// Publishes the method catalog, retained: on every connection and every change.
+    ///
+    /// The registry bounds the catalog well under [`MAX_PACKET`]; should one still not
+    /// fit, it is not queued (the client would drop the connection over it, again on
+    /// every reconnect): the broker keeps the previous catalog, and the log says why.
     fn publish_catalog(&self) {
+        let topic = self.namespace.catalog_topic();
         let catalog = serde_json::to_vec(&self.registry.catalog()).unwrap_or_default();
-        if let Err(error) = self.client.try_publish(
-            self.namespace.catalog_topic(),
-            QoS::AtLeastOnce,
-            true,
-            catalog,
-        ) {
+        let packet = catalog.len() + topic.len() + PUBLISH_OVERHEAD;
+        if packet > MAX_PACKET {
+            tracing::error!(
+                bytes = packet,
+                limit = MAX_PACKET,
+                "the method catalog is too large for one MQTT packet; the previous one stays"
+            );
+            return;
+        }
+        if let Err(error) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, catalog)
+        {
             tracing::error!(%error, "could not queue the method catalog");
         }
     }

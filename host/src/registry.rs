@@ -4,8 +4,9 @@
 //! `Arc` of one version, so a call keeps the version it started on however the table
 //! changes afterwards. A version is compiled and pre-instantiated before it is applied,
 //! never under the lock, and a file that fails to load keeps its last good version
-//! serving. Every change bumps a generation that the MQTT session watches to republish
-//! the catalog.
+//! serving. A version refused because another file serves one of its methods waits,
+//! and serves as soon as that clash is gone. Every change bumps a generation that the
+//! MQTT session watches to republish the catalog.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -61,23 +62,30 @@ pub struct Fingerprint {
 
 /// A change to one handler file.
 pub enum Change {
-    /// A new version compiled and pre-instantiated: serve it (unless its methods clash).
+    /// A new version compiled and pre-instantiated: serve it, or, while one of its
+    /// methods is served by another file, keep it waiting until that clash is gone.
     Loaded(Fingerprint, Box<HandlerVersion>),
     /// The file as it is now cannot serve: keep the last good version, report why.
-    Failed(Fingerprint, String),
-    /// The file is gone: its methods answer 404 from now on.
+    /// No fingerprint when the file could not be read at all (not a regular file, too
+    /// large): then the reason itself says what was seen.
+    Failed(Option<Fingerprint>, String),
+    /// The file is gone: its methods answer 404 from now on (unless another file
+    /// takes them in the same change).
     Removed,
 }
 
 /// The state of one handler file.
 #[derive(Clone)]
 struct Slot {
-    /// The version serving, if any: the last one that loaded.
+    /// The version serving, if any: the last one that loaded and could serve.
     serving: Option<Arc<HandlerVersion>>,
+    /// The file as it is now, loaded, but refused because another file serves one of
+    /// its methods: it serves as soon as that clash is gone, without being loaded again.
+    waiting: Option<Arc<HandlerVersion>>,
     /// Why the file as it is now does not serve, if it does not.
     failure: Option<String>,
-    /// What the file was made of at the last attempt.
-    seen: Fingerprint,
+    /// What the file was made of at the last attempt (none when it could not be read).
+    seen: Option<Fingerprint>,
 }
 
 /// A snapshot of what serves.
@@ -90,13 +98,51 @@ struct Table {
 
 impl Table {
     fn from_files(files: BTreeMap<String, Slot>) -> Self {
-        let mut methods = HashMap::new();
-        for version in files.values().filter_map(|slot| slot.serving.as_ref()) {
-            for name in version.method_names() {
-                methods.insert(name.to_owned(), Arc::clone(version));
+        Self {
+            methods: served_methods(&files),
+            files,
+        }
+    }
+}
+
+/// The version serving each method, as `files` has it.
+fn served_methods(files: &BTreeMap<String, Slot>) -> HashMap<String, Arc<HandlerVersion>> {
+    let mut methods = HashMap::new();
+    for version in files.values().filter_map(|slot| slot.serving.as_ref()) {
+        for name in version.method_names() {
+            methods.insert(name.to_owned(), Arc::clone(version));
+        }
+    }
+    methods
+}
+
+/// Serves every waiting version that no longer clashes, one at a time in file order
+/// (each one served can free or take methods others wait for), until none can; the
+/// ones left waiting say which file holds their method now. Returns the files whose
+/// waiting version now serves.
+fn settle(files: &mut BTreeMap<String, Slot>) -> Vec<String> {
+    let mut promoted = Vec::new();
+    loop {
+        let methods = served_methods(files);
+        let mut changed = false;
+        for (file, slot) in files.iter_mut() {
+            let Some(waiting) = &slot.waiting else {
+                continue;
+            };
+            match clash(&methods, file, waiting) {
+                Some(why) => slot.failure = Some(why),
+                None => {
+                    slot.serving = slot.waiting.take();
+                    slot.failure = None;
+                    promoted.push(file.clone());
+                    changed = true;
+                    break;
+                }
             }
         }
-        Self { files, methods }
+        if !changed {
+            return promoted;
+        }
     }
 }
 
@@ -126,71 +172,94 @@ impl Registry {
         Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// What `file` was made of at its last load attempt, if it is known.
+    /// What `file` was made of at its last load attempt, if it is known and was read.
     pub fn fingerprint(&self, file: &str) -> Option<Fingerprint> {
         self.snapshot()
             .files
             .get(file)
-            .map(|slot| slot.seen.clone())
+            .and_then(|slot| slot.seen.clone())
     }
 
-    /// The handler files known, serving or failed.
+    /// Why `file` as it is now does not serve, if it does not.
+    pub fn failure(&self, file: &str) -> Option<String> {
+        self.snapshot()
+            .files
+            .get(file)
+            .and_then(|slot| slot.failure.clone())
+    }
+
+    /// The handler files known, serving, waiting or failed.
     pub fn files(&self) -> Vec<String> {
         self.snapshot().files.keys().cloned().collect()
     }
 
-    /// Applies a change to `file` in one atomic swap. A new version whose methods
-    /// another file already serves is refused: the file keeps its last good version
-    /// and reports the clash.
+    /// Applies the changes of one look at the folder in one atomic swap, so that what
+    /// serves afterwards depends on the folder's final state, not on the order of the
+    /// changes: removals first, then every loaded version that no longer clashes (see
+    /// [`Change::Loaded`]), in file order. A loaded version whose methods another file
+    /// serves keeps waiting, and the file keeps its last good version meanwhile; a
+    /// version that was waiting serves as soon as its clash is gone, in this swap or a
+    /// later one.
     ///
-    /// # Errors
-    /// Why a loaded version was refused (a method clash).
-    pub fn apply(&self, file: &str, change: Change) -> Result<(), String> {
-        let mut refused = None;
-        {
+    /// Returns the files whose loaded version (from `changes`) was refused, with why.
+    pub fn apply(&self, changes: Vec<(String, Change)>) -> BTreeMap<String, String> {
+        if changes.is_empty() {
+            return BTreeMap::new();
+        }
+        let mut refused = BTreeMap::new();
+        let late = {
             let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
             let mut files = guard.files.clone();
-            let serving = files.get(file).and_then(|slot| slot.serving.clone());
-            match change {
-                Change::Loaded(seen, version) => match clash(&guard.methods, file, &version) {
-                    None => {
+            let mut loaded = Vec::new();
+            for (file, change) in changes {
+                match change {
+                    Change::Removed => {
+                        files.remove(&file);
+                    }
+                    Change::Failed(seen, why) => {
+                        let serving = files.get(&file).and_then(|slot| slot.serving.clone());
                         let slot = Slot {
-                            serving: Some(Arc::from(version)),
-                            failure: None,
-                            seen,
-                        };
-                        files.insert(file.to_owned(), slot);
-                    }
-                    Some(why) => {
-                        files.insert(
-                            file.to_owned(),
-                            Slot {
-                                serving,
-                                failure: Some(why.clone()),
-                                seen,
-                            },
-                        );
-                        refused = Some(why);
-                    }
-                },
-                Change::Failed(seen, why) => {
-                    files.insert(
-                        file.to_owned(),
-                        Slot {
                             serving,
+                            waiting: None,
                             failure: Some(why),
                             seen,
-                        },
-                    );
+                        };
+                        files.insert(file, slot);
+                    }
+                    Change::Loaded(seen, version) => {
+                        let serving = files.get(&file).and_then(|slot| slot.serving.clone());
+                        let slot = Slot {
+                            serving,
+                            waiting: Some(Arc::from(version)),
+                            failure: None,
+                            seen: Some(seen),
+                        };
+                        files.insert(file.clone(), slot);
+                        loaded.push(file);
+                    }
                 }
-                Change::Removed => {
-                    files.remove(file);
+            }
+            let promoted = settle(&mut files);
+            // Versions that waited since an earlier swap and serve now; the caller
+            // reports on the ones it loaded.
+            let late: Vec<Arc<HandlerVersion>> = promoted
+                .iter()
+                .filter(|file| !loaded.contains(file))
+                .filter_map(|file| files.get(file)?.serving.clone())
+                .collect();
+            for file in loaded {
+                if let Some(slot) = files.get(&file).filter(|slot| slot.waiting.is_some()) {
+                    refused.insert(file, slot.failure.clone().unwrap_or_default());
                 }
             }
             *guard = Arc::new(Table::from_files(files));
+            late
+        };
+        for version in late {
+            tracing::info!(handler = %version.label(), "handler no longer clashes with another file; it serves now");
         }
         self.generation.send_modify(|generation| *generation += 1);
-        refused.map_or(Ok(()), Err)
+        refused
     }
 
     /// A receiver that sees every change, for republishing the catalog.
@@ -198,30 +267,29 @@ impl Registry {
         self.generation.subscribe()
     }
 
-    /// The method catalog, as published on `NS$edge/methods`.
+    /// The method catalog, as published on `NS$edge/methods`: within
+    /// [`edge_proto::message::CATALOG_MAX_BYTES`] however many handlers and texts.
     pub fn catalog(&self) -> Catalog {
         let table = self.snapshot();
-        let mut catalog = Catalog::default();
+        let mut methods = Vec::new();
+        let mut failures = Vec::new();
         for (file, slot) in &table.files {
             if let Some(version) = &slot.serving {
-                catalog
-                    .methods
-                    .extend(version.code.methods().iter().map(|m| CatalogEntry {
-                        name: m.name.clone(),
-                        description: m.description.clone(),
-                        handler: file.clone(),
-                        digest: version.digest.clone(),
-                    }));
+                methods.extend(version.code.methods().iter().map(|m| CatalogEntry {
+                    name: m.name.clone(),
+                    description: m.description.clone(),
+                    handler: file.clone(),
+                    digest: version.digest.clone(),
+                }));
             }
             if let Some(why) = &slot.failure {
-                catalog.failures.push(CatalogFailure {
+                failures.push(CatalogFailure {
                     handler: file.clone(),
                     error: why.clone(),
                 });
             }
         }
-        catalog.methods.sort_by(|a, b| a.name.cmp(&b.name));
-        catalog
+        Catalog::bounded(methods, failures)
     }
 }
 

@@ -1,230 +1,91 @@
-//! From files to reloads: the [`Loader`] brings the registry in line with the handlers
-//! folder, and [`watch`] runs it whenever the folder changes.
+//! From file events to reloads: [`watch`] runs the [`Loader`] whenever the handlers
+//! folder changes.
 //!
 //! Events are debounced (editors and `cp` write in pieces; rsync and scp leave
-//! temporary names) and then the whole folder is compared with the registry by content
-//! digest, so a missed, doubled or reordered event changes nothing: only a `*.wasm`
-//! (or its sidecar `NAME.toml`) whose content differs from what was last loaded is
-//! loaded again, and only a file that is gone is unregistered. A half-written file
-//! fails to load and leaves the last good version serving until the rest arrives.
+//! temporary names); the loader then compares the whole folder with the registry, so
+//! an event only says when to look, never what changed.
+//!
+//! A watch holds on to the folder it was set on, not to its path: when the folder is
+//! replaced as a whole (`rm -rf` and created again, or the handlers path is a symlink
+//! that a release swaps with `ln -sfn`), the old watch sees nothing more. So the
+//! parent folder is watched too, for the handlers path being created, removed or
+//! renamed over, and the folder's identity (device and inode of what the path leads
+//! to) is checked on those events and every [`IDENTITY_CHECK`]: when it changed, the
+//! watch is set again on what the path leads to now, and the folder synced.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use notify_debouncer_full::notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
-use sha2::{Digest as _, Sha256};
+use notify_debouncer_full::notify::event::ModifyKind;
+use notify_debouncer_full::notify::{
+    self, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::HandlerSettings;
-use crate::registry::{Change, Fingerprint, HandlerVersion, Registry};
-use crate::sandbox::{HandlerContext, Sandbox};
+use crate::loader::{Loader, is_handler_source};
+use crate::registry::Registry;
 
 /// How long the folder must be quiet before a reload: long enough for a copy in pieces
 /// to finish, short enough that a deployed file serves within a fraction of a second.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Loads handler files into the registry.
-pub struct Loader {
-    /// The sandbox to compile in.
-    pub sandbox: Arc<Sandbox>,
-    /// The handlers folder.
-    pub dir: PathBuf,
-    /// The device id handlers see.
-    pub device_id: String,
-    /// Settings of handlers whose sidecar does not set them.
-    pub defaults: HandlerSettings,
-    /// The longest a call may run when a handler's sidecar does not say.
-    pub call_timeout: Duration,
-}
-
-impl Loader {
-    /// Loads every new or changed handler file in the folder and unregisters the ones
-    /// that are gone. Blocks while compiling: run it off the async threads.
-    ///
-    /// # Errors
-    /// When the folder cannot be read; the registry is then left as it was.
-    pub fn sync(&self, registry: &Registry) -> anyhow::Result<()> {
-        let paths = handler_files(&self.dir)?;
-        let present: Vec<String> = paths.iter().map(|path| file_name(path)).collect();
-        for (path, file) in paths.iter().zip(&present) {
-            self.sync_file(registry, path, file);
-        }
-        for file in registry.files() {
-            if !present.contains(&file) {
-                registry.apply(&file, Change::Removed).ok();
-                tracing::info!(handler = %file, "handler removed; its methods answer 404");
-            }
-        }
-        Ok(())
-    }
-
-    fn sync_file(&self, registry: &Registry, path: &Path, file: &str) {
-        let sidecar_path = path.with_extension("toml");
-        let (wasm, sidecar) = match read_sources(path, &sidecar_path) {
-            Ok(sources) => sources,
-            // Gone between listing and reading, or unreadable: the next event tells.
-            Err(error) => {
-                tracing::debug!(handler = %file, %error, "handler file not readable now");
-                return;
-            }
-        };
-        let fingerprint = Fingerprint {
-            wasm: digest(&wasm),
-            sidecar: sidecar.as_deref().map(|text| digest(text.as_bytes())),
-        };
-        if registry.fingerprint(file).as_ref() == Some(&fingerprint) {
-            return;
-        }
-        let started = Instant::now();
-        match self.load(file, &wasm, sidecar.as_deref(), &sidecar_path, &fingerprint) {
-            Ok(version) => {
-                let label = version.label();
-                let methods: Vec<String> = version
-                    .method_names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect();
-                match registry.apply(file, Change::Loaded(fingerprint, Box::new(version))) {
-                    Ok(()) => tracing::info!(
-                        handler = %label, ?methods, load_ms = started.elapsed().as_millis(),
-                        "handler loaded"
-                    ),
-                    Err(why) => {
-                        tracing::error!(handler = %label, error = %why, "handler refused; the last good version serves")
-                    }
-                }
-            }
-            Err(error) => {
-                let why = format!("{error:#}");
-                tracing::error!(handler = %file, error = %why, "handler failed to load; the last good version (if any) serves");
-                registry.apply(file, Change::Failed(fingerprint, why)).ok();
-            }
-        }
-    }
-
-    fn load(
-        &self,
-        file: &str,
-        wasm: &[u8],
-        sidecar: Option<&str>,
-        sidecar_path: &Path,
-        fingerprint: &Fingerprint,
-    ) -> anyhow::Result<HandlerVersion> {
-        let settings = match sidecar {
-            Some(text) => HandlerSettings::parse_sidecar(text, &self.defaults)
-                .with_context(|| format!("invalid sidecar {}", sidecar_path.display()))?,
-            None => self.defaults.clone(),
-        };
-        let context = HandlerContext {
-            file: file.to_owned(),
-            device_id: self.device_id.clone(),
-            config: settings.config,
-            max_memory: settings.max_memory,
-            grants: settings.grants,
-            reuse: settings.reuse.then_some(settings.reuse_max_calls),
-        };
-        let code = self.sandbox.load(wasm, &fingerprint.wasm, context)?;
-        Ok(HandlerVersion {
-            file: file.to_owned(),
-            digest: fingerprint.wasm.clone(),
-            code,
-            timeout: settings
-                .timeout_ms
-                .map_or(self.call_timeout, Duration::from_millis),
-            in_flight: settings
-                .max_in_flight
-                .map(|limit| Arc::new(tokio::sync::Semaphore::new(limit))),
-            max_in_flight: settings.max_in_flight,
-        })
-    }
-}
-
-/// Reads a handler file and its sidecar (none when it does not exist).
-fn read_sources(path: &Path, sidecar: &Path) -> std::io::Result<(Vec<u8>, Option<String>)> {
-    let wasm = std::fs::read(path)?;
-    let sidecar = match std::fs::read_to_string(sidecar) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    Ok((wasm, sidecar))
-}
-
-/// `sha256:<hex>` of `bytes`.
-pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
-}
-
-/// The handler files directly in `dir`: `*.wasm`, not hidden, sorted by name.
-///
-/// # Errors
-/// When the folder cannot be read.
-pub fn handler_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the handlers folder {}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| is_handler_source(path) && path.is_file())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Whether a change to `path` can change what serves: a `*.wasm` or a sidecar
-/// `*.toml`, not hidden (rsync's and editors' temporary files are).
-fn is_handler_source(path: &Path) -> bool {
-    let hidden = path
-        .file_name()
-        .is_none_or(|name| name.to_string_lossy().starts_with('.'));
-    !hidden
-        && path
-            .extension()
-            .is_some_and(|ext| ext == "wasm" || ext == "toml")
-}
-
-/// A path's file name as text, for logs and the catalog.
-pub fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
+/// How often the handlers folder's identity is checked when no event says it changed:
+/// the fallback for replacements no watch reports (a parent folder replaced in turn, a
+/// mount). One `stat` of two paths each time.
+const IDENTITY_CHECK: Duration = Duration::from_secs(2);
 
 /// Keeps the folder watched while it lives.
 pub struct Watch {
-    _debouncer: notify_debouncer_full::Debouncer<
-        notify_debouncer_full::notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // The task owns the watches: ending it ends them.
+        self.task.abort();
+    }
+}
+
+/// What the watch task hears about.
+enum Signal {
+    /// A debounced batch of events in the handlers folder.
+    Files(DebounceEventResult),
+    /// The handlers path itself may lead somewhere else now.
+    Folder,
 }
 
 /// Watches the loader's folder and syncs the registry after every burst of changes,
-/// one sync at a time, on a blocking thread.
+/// one sync at a time, on a blocking thread; follows the folder when it is replaced.
 ///
 /// # Errors
 /// When the folder cannot be watched (it does not exist, or the system's watch limit
 /// is reached).
 pub fn watch(loader: Loader, registry: Arc<Registry>) -> anyhow::Result<Watch> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DebounceEventResult>();
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result| {
-        // The receiver is gone only when the host is stopping.
-        tx.send(result).ok();
-    })
-    .context("cannot start the file watcher")?;
-    debouncer
-        .watch(&loader.dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", loader.dir.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+    let dir = std::path::absolute(&loader.dir)
+        .with_context(|| format!("cannot resolve {}", loader.dir.display()))?;
+    let mut watching = Watching::start(dir, tx)?;
     let loader = Arc::new(loader);
-    tokio::spawn(async move {
-        while let Some(result) = rx.recv().await {
-            let mut relevant = matters(result);
-            // Coalesce whatever else arrived meanwhile into the same sync.
-            while let Ok(more) = rx.try_recv() {
-                relevant |= matters(more);
+    let task = tokio::spawn(async move {
+        let mut check = tokio::time::interval(IDENTITY_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (mut relevant, mut moved) = (false, false);
+            tokio::select! {
+                signal = rx.recv() => {
+                    let Some(signal) = signal else { return };
+                    watching.hear(signal, &mut relevant, &mut moved);
+                    // Coalesce whatever else arrived meanwhile into the same sync.
+                    while let Ok(more) = rx.try_recv() {
+                        watching.hear(more, &mut relevant, &mut moved);
+                    }
+                }
+                _ = check.tick() => {}
             }
+            relevant |= watching.follow(moved);
             if !relevant {
                 continue;
             }
@@ -239,39 +100,198 @@ pub fn watch(loader: Loader, registry: Arc<Registry>) -> anyhow::Result<Watch> {
             }
         }
     });
-    Ok(Watch {
-        _debouncer: debouncer,
-    })
+    Ok(Watch { task })
 }
 
-/// Whether a batch of events touches a handler source; errors are logged.
-fn matters(result: DebounceEventResult) -> bool {
-    match result {
-        Ok(events) => events
-            .iter()
-            .flat_map(|event| event.paths.iter())
-            .any(|path| is_handler_source(path)),
-        Err(errors) => {
-            for error in errors {
-                tracing::warn!(%error, "file watcher error");
+/// What a path leads to: device and inode, and the birth time where the file system
+/// keeps one (an inode freed by `rm -rf` may be reused at once by `mkdir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    born: Option<SystemTime>,
+}
+
+impl Identity {
+    /// What `path` leads to now (following symlinks), if anything.
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            born: metadata.created().ok(),
+        })
+    }
+}
+
+/// The watches on the handlers folder and on its parent, and what they were set on.
+struct Watching {
+    /// The handlers path, absolute but with symlinks kept: what it leads to may change.
+    dir: PathBuf,
+    /// Where signals go.
+    tx: UnboundedSender<Signal>,
+    /// The folder the watch is on, if the path led to one when it was set.
+    identity: Option<Identity>,
+    /// The watch on the folder; none while the path leads nowhere.
+    folder: Option<Debouncer<RecommendedWatcher, RecommendedCache>>,
+    /// The parent folder the parent watch is on.
+    parent_identity: Option<Identity>,
+    /// The watch on the parent folder, for the handlers path itself changing.
+    parent: Option<RecommendedWatcher>,
+}
+
+impl Watching {
+    /// Watches `dir` and its parent.
+    ///
+    /// # Errors
+    /// When `dir` cannot be watched; a parent that cannot be watched is only logged
+    /// (the periodic identity check stands in for it).
+    fn start(dir: PathBuf, tx: UnboundedSender<Signal>) -> anyhow::Result<Self> {
+        let mut watching = Self {
+            identity: Identity::of(&dir),
+            folder: None,
+            parent_identity: None,
+            parent: None,
+            dir,
+            tx,
+        };
+        watching.folder = Some(watch_folder(&watching.dir, &watching.tx)?);
+        watching.watch_parent();
+        Ok(watching)
+    }
+
+    /// Takes in one signal: whether it asks for a sync, or for a look at the folder's
+    /// identity.
+    fn hear(&self, signal: Signal, relevant: &mut bool, moved: &mut bool) {
+        match signal {
+            Signal::Folder => *moved = true,
+            Signal::Files(Ok(events)) => {
+                for event in &events {
+                    if event.paths.iter().any(|path| is_handler_source(path)) {
+                        *relevant = true;
+                    }
+                    // The watched folder itself removed or moved away.
+                    if reshapes(&event.kind) && event.paths.contains(&self.dir) {
+                        *moved = true;
+                    }
+                }
             }
-            // Something may have been missed: a sync costs little and sets it right.
-            true
+            Signal::Files(Err(errors)) => {
+                for error in errors {
+                    tracing::warn!(%error, "file watcher error");
+                }
+                // Something may have been missed: a sync costs little and sets it right.
+                *relevant = true;
+            }
+        }
+    }
+
+    /// Sets the watches again when what the paths lead to changed, or when an event
+    /// said the handlers path was replaced (`moved`: a new folder may have the old
+    /// one's inode). Returns whether the folder must be synced.
+    fn follow(&mut self, moved: bool) -> bool {
+        let parent_now = self.dir.parent().and_then(Identity::of);
+        if parent_now != self.parent_identity {
+            self.watch_parent();
+        }
+        let now = Identity::of(&self.dir);
+        if !moved && now == self.identity {
+            return false;
+        }
+        // Identity first, then the watch: a replacement in between shows as a change
+        // at the next look.
+        self.identity = now;
+        self.folder = None;
+        if self.identity.is_none() {
+            tracing::warn!(folder = %self.dir.display(), "the handlers folder is gone; what was loaded serves until it is back");
+            return false;
+        }
+        match watch_folder(&self.dir, &self.tx) {
+            Ok(folder) => {
+                tracing::info!(folder = %self.dir.display(), "the handlers folder was replaced; watching the new one");
+                self.folder = Some(folder);
+            }
+            Err(error) => {
+                // The next identity check tries again.
+                self.identity = None;
+                tracing::error!(error = %format!("{error:#}"), "cannot watch the new handlers folder");
+            }
+        }
+        true
+    }
+
+    /// (Re)sets the watch on the parent folder; logs when it cannot.
+    fn watch_parent(&mut self) {
+        self.parent = None;
+        let Some(parent) = self.dir.parent() else {
+            return;
+        };
+        self.parent_identity = Identity::of(parent);
+        match watch_parent(parent, &self.dir, &self.tx) {
+            Ok(watcher) => self.parent = Some(watcher),
+            Err(error) => tracing::warn!(
+                error = %format!("{error:#}"),
+                "cannot watch the folder around the handlers folder; its replacement is noticed within {IDENTITY_CHECK:?}"
+            ),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A debounced watch on the handlers folder.
+fn watch_folder(
+    dir: &Path,
+    tx: &UnboundedSender<Signal>,
+) -> anyhow::Result<Debouncer<RecommendedWatcher, RecommendedCache>> {
+    let tx = tx.clone();
+    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result| {
+        // The receiver is gone only when the host is stopping.
+        tx.send(Signal::Files(result)).ok();
+    })
+    .context("cannot start the file watcher")?;
+    debouncer
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok(debouncer)
+}
 
-    #[test]
-    fn only_visible_wasm_and_sidecars_matter() {
-        assert!(is_handler_source(Path::new("/h/echo.wasm")));
-        assert!(is_handler_source(Path::new("/h/echo.toml")));
-        assert!(!is_handler_source(Path::new("/h/.echo.wasm.Xy12ab")));
-        assert!(!is_handler_source(Path::new("/h/echo.wasm~")));
-        assert!(!is_handler_source(Path::new("/h/echo.wasm.part")));
-        assert!(!is_handler_source(Path::new("/h/notes.txt")));
-    }
+/// A watch on `parent` that signals when `dir` (one of its entries) is created,
+/// removed or renamed over. Only those: the parent also sees every open of `dir`,
+/// which each sync does.
+fn watch_parent(
+    parent: &Path,
+    dir: &Path,
+    tx: &UnboundedSender<Signal>,
+) -> anyhow::Result<RecommendedWatcher> {
+    let name = dir.file_name().map(ToOwned::to_owned);
+    let tx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+        let replaced = match result {
+            Ok(event) => {
+                reshapes(&event.kind)
+                    && event
+                        .paths
+                        .iter()
+                        .any(|path| path.file_name() == name.as_deref())
+            }
+            // Something may have been missed: a look costs one stat.
+            Err(_) => true,
+        };
+        if replaced {
+            tx.send(Signal::Folder).ok();
+        }
+    })
+    .context("cannot start the file watcher")?;
+    watcher
+        .watch(parent, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", parent.display()))?;
+    Ok(watcher)
+}
+
+/// Whether an event kind can change what a path leads to: created, removed, renamed.
+fn reshapes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+    )
 }

@@ -352,3 +352,344 @@ async fn a_restart_with_a_warm_cache_compiles_nothing_and_a_corrupt_entry_is_reb
         "only the corrupt entry is compiled again"
     );
 }
+
+/// Whether the catalog lists `method` as served by `handler`.
+fn serves(catalog: &Catalog, method: &str, handler: &str) -> bool {
+    catalog
+        .methods
+        .iter()
+        .any(|m| m.name == method && m.handler == handler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_a_handler_file_serves_its_methods_under_the_new_name() {
+    let s = setup(&["echo"]).await;
+    let dir = s.handlers.path();
+    std::fs::rename(dir.join("echo.wasm"), dir.join("echo2.wasm")).expect("mv");
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "echo", "echo2.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("echo is served by echo2.wasm, and nothing is blamed");
+    assert!(!catalog.methods.iter().any(|m| m.handler == "echo.wasm"));
+    assert_eq!(call(&s.caller, "echo", "[2]").await, (200, json!([2])));
+
+    // And back again: the name that was removed is a new file like any other.
+    std::fs::rename(dir.join("echo2.wasm"), dir.join("echo.wasm")).expect("mv back");
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "echo", "echo.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("echo is served by echo.wasm again");
+    assert_eq!(call(&s.caller, "echo", "[3]").await, (200, json!([3])));
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_for_a_clash_serves_once_the_clash_is_gone() {
+    let s = setup(&[]).await;
+    deploy_atomically(Ok("version-b"), &s.handlers.path().join("impostor.wasm"));
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        c.failures.iter().any(|f| f.handler == "impostor.wasm")
+    })
+    .await
+    .expect("the clash is reported");
+    assert_eq!(version(&s.caller).await, "a");
+
+    // The file that held the method goes; the refused one, unchanged, takes over.
+    std::fs::remove_file(s.handlers.path().join("version.wasm")).expect("delete");
+    until("the refused file serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        serves(c, "version", "impostor.wasm") && c.failures.is_empty()
+    })
+    .await
+    .expect("the clash is no longer reported");
+    s.host.stop().await.expect("clean stop");
+}
+
+/// Opens a FIFO's writing end when dropped, so that a reader stuck opening it (a
+/// loader that does not refuse FIFOs) is let go when the test ends, pass or fail.
+struct FifoRelease(std::path::PathBuf);
+
+impl Drop for FifoRelease {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Without a reader, a non-blocking open for writing fails at once: fine.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0)
+            .ok();
+    }
+}
+
+fn mkfifo(path: &Path) -> FifoRelease {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", path.display());
+    FifoRelease(path.to_owned())
+}
+
+/// The failure the catalog reports for `handler`, if any.
+fn failure<'c>(catalog: &'c Catalog, handler: &str) -> Option<&'c str> {
+    catalog
+        .failures
+        .iter()
+        .find(|f| f.handler == handler)
+        .map(|f| f.error.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_devices_and_folders_named_like_handler_files_are_reported_not_read() {
+    let s = setup(&["echo"]).await;
+    let dir = s.handlers.path();
+    // A FIFO as a sidecar: reading it would wait for a writer forever.
+    let _fifo_sidecar = mkfifo(&dir.join("echo.toml"));
+    // A FIFO and a device as handlers.
+    let _fifo_handler = mkfifo(&dir.join("pipe.wasm"));
+    std::os::unix::fs::symlink("/dev/zero", dir.join("zero.wasm")).expect("ln -s");
+    // A folder named like a sidecar, beside a good handler.
+    std::fs::create_dir(dir.join("info.toml")).expect("mkdir");
+    std::fs::copy(guest("device-info"), dir.join("info.wasm")).expect("copy");
+    // And after all that, a new version: the loader must still be working.
+    deploy_atomically(Ok("version-b"), &dir.join("version.wasm"));
+
+    until("the new version serves", || async {
+        version(&s.caller).await == "b"
+    })
+    .await;
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| c.failures.len() == 4)
+        .await
+        .expect("every odd file is reported");
+    for (handler, why) in [
+        ("echo.wasm", "echo.toml is not a regular file (a FIFO)"),
+        ("pipe.wasm", "pipe.wasm is not a regular file (a FIFO)"),
+        (
+            "zero.wasm",
+            "zero.wasm is not a regular file (a character device)",
+        ),
+        ("info.wasm", "info.toml is not a regular file (a folder)"),
+    ] {
+        let error = failure(&catalog, handler).unwrap_or_default();
+        assert!(error.contains(why), "{handler}: {error:?}; {catalog:?}");
+    }
+    assert_eq!(
+        call(&s.caller, "echo", "5").await,
+        (200, json!(5)),
+        "echo's last good version serves"
+    );
+    assert_eq!(call(&s.caller, "getInfo", "null").await.0, 404);
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_linked_to_dev_zero_is_refused_unread() {
+    let s = setup(&[]).await;
+    let dir = s.handlers.path();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("echo.toml")).expect("ln -s");
+    deploy_atomically(Ok("echo"), &dir.join("echo.wasm"));
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some()
+    })
+    .await
+    .expect("the sidecar is reported");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(
+        error.contains("echo.toml is not a regular file (a character device)"),
+        "{error}"
+    );
+    assert_eq!(version(&s.caller).await, "a", "the host goes on");
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_file_over_the_size_cap_is_refused_unread() {
+    let s = setup(&[]).await;
+    // Sparse: 300 MiB long, nothing on disk.
+    let big = std::fs::File::create(s.handlers.path().join("big.wasm")).expect("create");
+    big.set_len(300 << 20).expect("set_len");
+    drop(big);
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "big.wasm").is_some()
+    })
+    .await
+    .expect("the file is reported");
+    let error = failure(&catalog, "big.wasm").unwrap_or_default();
+    assert!(
+        error.contains("big.wasm is 314572800 bytes; the limit is 268435456"),
+        "{error}"
+    );
+    assert_eq!(version(&s.caller).await, "a", "the host goes on");
+    s.host.stop().await.expect("clean stop");
+}
+
+/// Starts a host serving the folder at `handlers` (a path that may not be a
+/// [`HandlerDir`]: a symlink, or a folder the test replaces), and a caller.
+async fn start_at(broker: &Mosquitto, handlers: &Path) -> (TestHost, Caller) {
+    testkit::init_logging();
+    let host = TestHost::start(host_config(DEVICE, handlers, broker.url()))
+        .await
+        .expect("host starts");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller connects");
+    (host, caller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_folder_removed_and_created_again_is_still_watched() {
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let root = tempfile::tempdir().expect("temp folder");
+    let dir = root.path().join("handlers");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::copy(guest("version-a"), dir.join("version.wasm")).expect("copy");
+    let (host, caller) = start_at(&broker, &dir).await;
+    assert_eq!(version(&caller).await, "a");
+
+    // rm -rf handlers && mkdir handlers && cp ...
+    std::fs::remove_dir_all(&dir).expect("rm -rf");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::copy(guest("version-b"), dir.join("version.wasm")).expect("copy");
+    until("the new folder's version serves", || async {
+        version(&caller).await == "b"
+    })
+    .await;
+    // Later changes to the new folder are seen too.
+    deploy_atomically(Ok("echo"), &dir.join("echo.wasm"));
+    until("a file added to the new folder serves", || async {
+        call(&caller, "echo", "1").await.0 == 200
+    })
+    .await;
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_handlers_folder_swapped_to_a_new_release_is_still_watched() {
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let root = tempfile::tempdir().expect("temp folder");
+    let release = |n: u32, package: &str| {
+        let dir = root.path().join(format!("release-{n}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::copy(guest(package), dir.join("version.wasm")).expect("copy");
+        dir
+    };
+    let current = root.path().join("current");
+    // ln -sfn: a new link under a temporary name, renamed over the old one.
+    let point_at = |target: &Path| {
+        let tmp = root.path().join(".current.tmp");
+        std::os::unix::fs::symlink(target, &tmp).expect("ln -s");
+        std::fs::rename(&tmp, &current).expect("mv -T");
+    };
+    point_at(&release(1, "version-a"));
+    let (host, caller) = start_at(&broker, &current).await;
+    assert_eq!(version(&caller).await, "a");
+
+    let second = release(2, "version-b");
+    point_at(&second);
+    until("the new release serves", || async {
+        version(&caller).await == "b"
+    })
+    .await;
+    deploy_atomically(Ok("echo"), &second.join("echo.wasm"));
+    until("a file added to the new release serves", || async {
+        call(&caller, "echo", "1").await.0 == 200
+    })
+    .await;
+    host.stop().await.expect("clean stop");
+}
+
+/// The retained catalog's size in bytes, as the broker holds it.
+async fn catalog_bytes(broker: &Mosquitto) -> usize {
+    let topic = edge_proto::Namespace::for_device(DEVICE)
+        .expect("namespace")
+        .catalog_topic();
+    let mut reader = testkit::RawClient::connect(&broker.url(), std::slice::from_ref(&topic))
+        .await
+        .expect("reader connects");
+    let (_, body) = reader
+        .next_where(Duration::from_secs(5), |_| true)
+        .await
+        .expect("retained catalog");
+    body.len()
+}
+
+/// Whether the device's retained presence says online now.
+async fn online(broker: &Mosquitto) -> bool {
+    testkit::presence(&broker.url(), DEVICE, true, Duration::from_secs(5))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_over_its_size_cap_is_reported_and_the_device_stays_online() {
+    let s = setup(&["echo"]).await;
+    // 1.2 MB on one line that is not TOML: a parser's error would quote all of it.
+    let text = format!("model = {}\n", "x".repeat(1_200_000));
+    std::fs::write(s.handlers.path().join("echo.toml"), text).expect("sidecar");
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some()
+    })
+    .await
+    .expect("the sidecar is reported");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(
+        error.contains("echo.toml is 1200009 bytes; the limit is 1048576"),
+        "{error}"
+    );
+    assert!(online(&s.broker).await, "the device is online");
+    assert_eq!(call(&s.caller, "echo", "8").await, (200, json!(8)));
+    s.host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_with_huge_texts_is_cut_to_fit_and_the_device_stays_online() {
+    let s = setup(&[]).await;
+    let dir = s.handlers.path();
+    // Just under the sidecar cap, one line the TOML parser quotes (and underlines)
+    // whole in its error: about 2 MB of failure text.
+    let text = format!("model = {}\n", "x".repeat(1_000_000));
+    std::fs::copy(guest("echo"), dir.join("echo.wasm")).expect("copy");
+    std::fs::write(dir.join("echo.toml"), text).expect("sidecar");
+    // A description of 900 kB, given through the sidecar's config.
+    let description = "d".repeat(900_000);
+    std::fs::write(
+        dir.join("named.toml"),
+        format!("[config]\ndescription = \"{description}\"\n"),
+    )
+    .expect("sidecar");
+    deploy_atomically(Ok("named"), &dir.join("named.wasm"));
+
+    let catalog = testkit::catalog_until(&s.broker.url(), DEVICE, |c| {
+        failure(c, "echo.wasm").is_some() && c.methods.iter().any(|m| m.name == "named")
+    })
+    .await
+    .expect("the failure and the method are listed");
+    let error = failure(&catalog, "echo.wasm").unwrap_or_default();
+    assert!(error.starts_with("invalid sidecar"), "{}", &error[..200]);
+    assert!(
+        error.len() < 8 * 1024,
+        "failure text cut: {} bytes",
+        error.len()
+    );
+    assert!(error.contains("bytes cut]"), "the cut is marked");
+    let named = catalog
+        .methods
+        .iter()
+        .find(|m| m.name == "named")
+        .expect("named");
+    assert!(named.description.starts_with("ddd"));
+    assert!(named.description.len() < 8 * 1024);
+    assert!(
+        named.description.contains("bytes cut]"),
+        "the cut is marked"
+    );
+    assert!(catalog_bytes(&s.broker).await <= edge_proto::message::CATALOG_MAX_BYTES);
+    assert!(online(&s.broker).await, "the device is online");
+    assert_eq!(call(&s.caller, "named", "9").await, (200, json!(9)));
+    s.host.stop().await.expect("clean stop");
+}

@@ -1,7 +1,7 @@
 //! What `devices` and `methods` print: for people, a table; with `--json`, one object
 //! per device a line (`devices`) or one object (`methods`).
 
-use edge_proto::{CatalogEntry, CatalogFailure, Presence};
+use edge_proto::{Catalog, CatalogEntry, CatalogFailure, Presence};
 use serde::Serialize;
 
 use super::table::{Cell, Table};
@@ -15,14 +15,14 @@ pub fn devices_table(devices: &[DeviceState], paint: Paint) -> String {
         let presence = device.presence.as_ref();
         let methods = match &device.catalog {
             None => Cell::plain("-"),
-            Some(catalog) if catalog.failures.is_empty() => {
-                Cell::plain(catalog.methods.len().to_string())
+            Some(catalog) if catalog.failed_handlers() == 0 => {
+                Cell::plain(catalog.methods_served().to_string())
             }
             Some(catalog) => Cell::styled(
                 format!(
                     "{} ({} failed to load)",
-                    catalog.methods.len(),
-                    catalog.failures.len()
+                    catalog.methods_served(),
+                    catalog.failed_handlers()
                 ),
                 style::WARN,
             ),
@@ -79,8 +79,8 @@ pub fn device_json(device: &DeviceState) -> String {
         since: presence.and_then(|p| p.since.as_deref()),
         reason: presence.and_then(|p| p.reason.as_deref()),
         agent: presence.and_then(|p| p.agent.as_deref()),
-        methods: device.catalog.as_ref().map(|c| c.methods.len()),
-        failed_handlers: device.catalog.as_ref().map(|c| c.failures.len()),
+        methods: device.catalog.as_ref().map(Catalog::methods_served),
+        failed_handlers: device.catalog.as_ref().map(Catalog::failed_handlers),
     };
     // Strings, numbers and booleans always serialize.
     format!("{}\n", serde_json::to_string(&object).unwrap_or_default())
@@ -130,6 +130,13 @@ pub fn methods_table(device: &DeviceState, paint: Paint) -> String {
         }
         out.push_str(&table.render(paint));
     }
+    let (methods_omitted, failures_omitted) = device
+        .catalog
+        .as_ref()
+        .map_or((0, 0), |c| (c.methods_omitted, c.failures_omitted));
+    if methods_omitted > 0 {
+        out.push_str(&omitted(methods_omitted, "methods", paint));
+    }
     if !failures.is_empty() {
         out.push_str(&paint.paint(style::BAD, "Handler files that failed to load:"));
         out.push('\n');
@@ -139,8 +146,22 @@ pub fn methods_table(device: &DeviceState, paint: Paint) -> String {
             let error = failure.error.trim_end().replace('\n', "\n    ");
             out.push_str(&format!("  {}: {error}\n", failure.handler));
         }
+        if failures_omitted > 0 {
+            out.push_str(&omitted(failures_omitted, "failed handler files", paint));
+        }
     }
     out
+}
+
+/// Whether a count is zero, to leave it out of a document (serde passes a reference).
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The line that says how many `what` the device's catalog left out.
+fn omitted(count: usize, what: &str, paint: Paint) -> String {
+    let line = format!("…and {count} more {what}, left out of the catalog to bound its size");
+    format!("{}\n", paint.paint(style::WARN, &line))
 }
 
 /// `sha256:` and the first 12 hex digits, as the host's log names a version.
@@ -160,6 +181,10 @@ pub fn methods_json(device: &DeviceState) -> String {
         presence: Option<&'a Presence>,
         methods: &'a [CatalogEntry],
         failures: &'a [CatalogFailure],
+        #[serde(skip_serializing_if = "is_zero")]
+        methods_omitted: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        failures_omitted: usize,
     }
     let (methods, failures) = device
         .catalog
@@ -170,6 +195,8 @@ pub fn methods_json(device: &DeviceState) -> String {
         presence: device.presence.as_ref(),
         methods,
         failures,
+        methods_omitted: device.catalog.as_ref().map_or(0, |c| c.methods_omitted),
+        failures_omitted: device.catalog.as_ref().map_or(0, |c| c.failures_omitted),
     };
     format!("{}\n", serde_json::to_string(&object).unwrap_or_default())
 }
@@ -205,7 +232,7 @@ mod tests {
                 presence: presence(true, Some("2026-11-26T12:30:36Z"), None),
                 catalog: Some(Catalog {
                     methods: vec![entry("echo"), entry("reboot")],
-                    failures: vec![],
+                    ..Catalog::default()
                 }),
             },
             DeviceState {
@@ -217,6 +244,7 @@ mod tests {
                         handler: "broken.wasm".into(),
                         error: "not a component:\n  --> 1:1\n".into(),
                     }],
+                    ..Catalog::default()
                 }),
             },
             DeviceState {
@@ -291,6 +319,48 @@ mod tests {
                              "handler": "echo.wasm", "digest": "sha256:0123456789abcdef0123"}],
                 "failures": [{"handler": "broken.wasm", "error": "not a component:\n  --> 1:1\n"}]
             })
+        );
+    }
+
+    #[test]
+    fn what_a_bounded_catalog_left_out_is_counted_and_said() {
+        let device = DeviceState {
+            device: "big".into(),
+            presence: presence(true, None, None),
+            catalog: Some(Catalog {
+                methods: vec![entry("echo")],
+                failures: vec![CatalogFailure {
+                    handler: "a.wasm".into(),
+                    error: "bad".into(),
+                }],
+                methods_omitted: 999,
+                failures_omitted: 4,
+            }),
+        };
+        assert!(
+            devices_table(std::slice::from_ref(&device), Paint::NONE)
+                .contains("1000 (5 failed to load)")
+        );
+        assert!(device_json(&device).contains("\"methods\":1000,\"failedHandlers\":5"));
+        let table = methods_table(&device, Paint::NONE);
+        assert!(
+            table.contains("…and 999 more methods, left out of the catalog to bound its size\n"),
+            "{table}"
+        );
+        assert!(
+            table.ends_with(
+                "  a.wasm: bad\n…and 4 more failed handler files, left out of the catalog to bound its size\n"
+            ),
+            "{table}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&methods_json(&device)).expect("one JSON object");
+        assert_eq!(json["methodsOmitted"], 999);
+        assert_eq!(json["failuresOmitted"], 4);
+        let fleet = fleet();
+        assert!(
+            !methods_json(&fleet[0]).contains("Omitted"),
+            "left out when zero"
         );
     }
 }
