@@ -345,7 +345,7 @@ async fn devices_lists_every_known_device_online_or_not() {
         mask_times(&run.stdout),
         format!(
             "DEVICE  {:w$}  SINCE                 {:<21}  AGENT\n\
-             faulty  {:w$}  YYYY-MM-DDThh:mm:ssZ  11 (1 failed to load)  {AGENT}\n\
+             faulty  {:w$}  YYYY-MM-DDThh:mm:ssZ  12 (1 failed to load)  {AGENT}\n\
              pump-1  {:w$}  YYYY-MM-DDThh:mm:ssZ  {:<21}  {AGENT}\n\
              pump-2  {:w$}  YYYY-MM-DDThh:mm:ssZ  {:<21}  {AGENT}\n\
              pump-3  {offline}  YYYY-MM-DDThh:mm:ssZ  {:<21}  {AGENT}\n",
@@ -373,7 +373,7 @@ async fn devices_lists_every_known_device_online_or_not() {
         lines,
         [
             json!({"deviceId": "faulty", "online": true, "since": null, "reason": null,
-                   "agent": AGENT, "methods": 11, "failedHandlers": 1}),
+                   "agent": AGENT, "methods": 12, "failedHandlers": 1}),
             json!({"deviceId": "pump-1", "online": true, "since": null, "reason": null,
                    "agent": AGENT, "methods": 3, "failedHandlers": 0}),
             json!({"deviceId": "pump-2", "online": true, "since": null, "reason": null,
@@ -526,18 +526,18 @@ async fn methods_shows_the_retained_catalog_and_calls_nothing() {
     assert_eq!(run.code, 0, "{run:?}");
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(
-        lines[13], "Handler files that failed to load:",
+        lines[14], "Handler files that failed to load:",
         "{}",
         run.stdout
     );
     assert!(
-        lines[14].starts_with("  broken.wasm: not a valid component"),
+        lines[15].starts_with("  broken.wasm: not a valid component"),
         "{}",
         run.stdout
     );
     // The error's own lines stay under it.
     assert!(
-        lines[15..].iter().all(|l| l.starts_with("    ")),
+        lines[16..].iter().all(|l| l.starts_with("    ")),
         "{}",
         run.stdout
     );
@@ -548,7 +548,7 @@ async fn methods_shows_the_retained_catalog_and_calls_nothing() {
         json!("broken.wasm"),
         "{shown}"
     );
-    assert_eq!(shown["methods"].as_array().map(Vec::len), Some(11));
+    assert_eq!(shown["methods"].as_array().map(Vec::len), Some(12));
 
     // An unknown device: exit 3, one line, nothing on stdout.
     for args in [&["methods", "nobody"][..], &["--json", "methods", "nobody"]] {
