@@ -10,6 +10,8 @@
 //!   version, and failed calls.
 //! - [`sandbox`]: the sandbox cost of one call (fresh Store, instantiate, call,
 //!   teardown), without MQTT.
+//! - [`lang`]: the same for handlers in Python and JavaScript beside Rust's, with
+//!   their sizes and load times.
 //! - [`process`]: the processes under test (the release edge-host, the responder),
 //!   their CPU time and RSS from `/proc`; [`stats`]: percentiles and units.
 //!
@@ -20,6 +22,7 @@
 
 mod e2e;
 mod floor;
+mod lang;
 mod load;
 mod process;
 mod reload;
@@ -48,6 +51,8 @@ enum Benchmark {
     Reload(reload::Options),
     /// The sandbox cost of one call, echo handler, without MQTT.
     Sandbox(sandbox::Options),
+    /// The sandbox cost of one call for Python and JavaScript handlers beside Rust's.
+    Lang(lang::Options),
     /// The floor of `e2e`: answers every request with its payload (started by `e2e`).
     #[command(hide = true)]
     FloorResponder(floor::Options),
@@ -64,7 +69,9 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
         }
-        Benchmark::Reload(_) | Benchmark::Sandbox(_) => tokio::runtime::Runtime::new()?,
+        Benchmark::Reload(_) | Benchmark::Sandbox(_) | Benchmark::Lang(_) => {
+            tokio::runtime::Runtime::new()?
+        }
     };
     runtime.block_on(async {
         match benchmark {
@@ -72,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             Benchmark::Startup(options) => startup::run(options).await,
             Benchmark::Reload(options) => reload::run(options).await,
             Benchmark::Sandbox(options) => sandbox::run(&options),
+            Benchmark::Lang(options) => lang::run(&options),
             Benchmark::FloorResponder(options) => floor::run(options).await,
         }
     })

@@ -3,7 +3,8 @@
 //!   `testkit/fixtures/` by this crate's build script, copied into temporary folders;
 //! - [`Mosquitto`]: a real Mosquitto on a free loopback port, stopped on drop;
 //! - [`TestHost`]: an edge-host running in-process with an injected shutdown;
-//! - [`presence`]: waits for a device's retained presence, as a caller sees it.
+//! - [`presence`]: waits for a device's retained presence, as a caller sees it;
+//! - [`lang`]: guests in Python and JavaScript, built on first use.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,8 @@ use anyhow::{Context as _, bail};
 use edge_proto::transport::Security;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use tempfile::TempDir;
+
+pub mod lang;
 
 /// The path of a built guest component, by package name (`echo`, `misbehave`, ...).
 pub fn guest(package: &str) -> PathBuf {
@@ -312,6 +315,19 @@ impl TestHost {
     /// # Errors
     /// When the host fails to start or is not online within 30 s.
     pub async fn start(config: edge_host::Config) -> anyhow::Result<Self> {
+        Self::start_within(config, Duration::from_secs(30)).await
+    }
+
+    /// Like [`TestHost::start`], waiting up to `timeout`: for handlers that take long
+    /// to compile (a 12-18 MB Python or JavaScript component takes seconds, more on a
+    /// busy machine).
+    ///
+    /// # Errors
+    /// When the host fails to start or is not online within `timeout`.
+    pub async fn start_within(
+        config: edge_host::Config,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let broker = match &config.broker {
             Some(url) => url.clone(),
             None => BrokerUrl::tcp(config.listen.ip().to_string(), config.listen.port()),
@@ -325,7 +341,7 @@ impl TestHost {
             rx.await.ok();
         }));
         let online = tokio::select! {
-            online = presence_with(&broker, &security, &device_id, true, Duration::from_secs(30)) => online,
+            online = presence_with(&broker, &security, &device_id, true, timeout) => online,
             ended = wait_task(&task) => Err(anyhow::anyhow!("the host stopped while starting: {ended:?}")),
         };
         let host = Self {

@@ -5,6 +5,10 @@
 //! - `cargo xtask test [CARGO TEST ARGS]`: installs Mosquitto if it is missing (Debian),
 //!   then runs the whole test suite.
 //! - `cargo xtask handlers`: only builds the example handlers into `target/handlers/`.
+//! - `cargo xtask toolchains`: installs the pinned Python and JavaScript handler
+//!   toolchains under `target/` ([`xtask::lang`]).
+//! - `cargo xtask new NAME --lang rust|python|js [--dir PATH]`: a standalone handler
+//!   folder that builds with one command ([`xtask::scaffold`]).
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -21,7 +25,10 @@ tasks:
   run [FLAGS]     build the example handlers and run edge-host with them on its
                   embedded broker; FLAGS go to edge-host (see --help there)
   test [ARGS]     install Mosquitto if missing, then run every test; ARGS go to cargo test
-  handlers        build the example handlers into target/handlers/";
+  handlers        build the example handlers into target/handlers/
+  toolchains      install the pinned Python and JavaScript handler toolchains (under target/)
+  new NAME --lang rust|python|js [--dir PATH]
+                  make a standalone handler folder (default ./NAME) that builds with one command";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +36,8 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("handlers") => build_handlers().map(|dir| println!("handlers in {}", dir.display())),
+        Some("toolchains") => xtask::lang::install_all(&root()),
+        Some("new") => new(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -98,7 +107,44 @@ fn build_handlers() -> anyhow::Result<PathBuf> {
                 .with_context(|| format!("copying {}", sidecar.display()))?;
         }
     }
+    // The handlers in other languages than Rust: Python and JavaScript.
+    xtask::lang::build_examples(&root(), &out)?;
     Ok(out)
+}
+
+/// `new NAME --lang rust|python|js [--dir PATH]`: makes a standalone handler folder.
+fn new(args: &[String]) -> anyhow::Result<()> {
+    let mut name = None;
+    let mut lang = None;
+    let mut dir = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match arg.as_str() {
+            "--lang" => lang = Some(value("--lang")?.parse::<xtask::scaffold::Language>()?),
+            "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
+            flag if flag.starts_with('-') => bail!("unknown flag {flag:?}\n\n{USAGE}"),
+            _ if name.is_none() => name = Some(arg.clone()),
+            extra => bail!("unexpected argument {extra:?}\n\n{USAGE}"),
+        }
+    }
+    let name = name.with_context(|| format!("new: no NAME given\n\n{USAGE}"))?;
+    let lang =
+        lang.with_context(|| format!("new: --lang rust|python|js is required\n\n{USAGE}"))?;
+    let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+    let scaffold = xtask::scaffold::new(&name, lang, &dir)?;
+    println!(
+        "made {}: build it with `cd {} && {}`, which writes {}",
+        scaffold.dir.display(),
+        scaffold.dir.display(),
+        scaffold.build.join(" "),
+        scaffold.wasm.display()
+    );
+    Ok(())
 }
 
 /// Builds the handlers, then replaces this process with edge-host serving them.
@@ -124,6 +170,8 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
 /// Makes sure Mosquitto is there, then runs the test suite.
 fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_mosquitto()?;
+    // The Python and JavaScript tests build their guests with these.
+    xtask::lang::install_all(&root())?;
     let mut tests = cargo();
     tests.arg("test").args(args);
     check(tests.status().context("running cargo test")?, "the tests")
