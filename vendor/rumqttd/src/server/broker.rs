@@ -400,6 +400,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // edge-methods patch: MQTT is small request/response packets, so Nagle's
+            // algorithm meeting the peer's delayed ACK holds packets for ~40 ms.
+            // Set before TLS and websocket wrap the stream, so it covers them too.
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "Unable to set TCP_NODELAY on accepted socket.");
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
