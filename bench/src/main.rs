@@ -1,9 +1,10 @@
 //! `edge-bench`: the project's benchmarks, run by hand (never part of the tests'
 //! pass/fail), each printing its figures beside what they are compared to.
 //!
-//! - [`e2e`]: calls end to end through Mosquitto, edge-host (fresh instance, instance
-//!   reuse) beside the floor, a raw MQTT responder: latency, throughput, CPU, RSS.
-//!   [`load`] is its load generator, [`floor`] the responder.
+//! - [`e2e`]: calls end to end through Mosquitto and through edge-host's embedded
+//!   broker, edge-host (fresh instance, instance reuse) beside the floor, a raw MQTT
+//!   responder: latency, throughput, CPU, RSS. [`load`] is its load generator,
+//!   [`floor`] the responder, [`broker`] the embedded broker on its own.
 //! - [`startup`]: start-up to ready with 20 handlers (compiled-code cache cold and
 //!   warm), and the idle host's RSS.
 //! - [`reload`]: hot swap under steady load: rename → first call served by the new
@@ -18,6 +19,7 @@
 //! `target/release/edge-bench <benchmark>`. The others run in this process:
 //! `cargo run --release -p edge-bench -- <benchmark>`.
 
+mod broker;
 mod e2e;
 mod floor;
 mod load;
@@ -40,7 +42,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Benchmark {
-    /// End to end through Mosquitto: edge-host (fresh, reuse) beside a raw responder.
+    /// End to end through Mosquitto and the embedded broker: edge-host (fresh, reuse)
+    /// beside a raw responder.
     E2e(e2e::Options),
     /// Start-up to ready with 20 handlers (cache cold and warm), and idle RSS.
     Startup(startup::Options),
@@ -51,6 +54,9 @@ enum Benchmark {
     /// The floor of `e2e`: answers every request with its payload (started by `e2e`).
     #[command(hide = true)]
     FloorResponder(floor::Options),
+    /// The embedded broker on its own, for `e2e`'s floor through it (started by `e2e`).
+    #[command(hide = true)]
+    EmbeddedBroker(broker::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,11 +65,12 @@ fn main() -> anyhow::Result<()> {
     // socket (a current-thread runtime): under a multi-thread runtime's `block_on`,
     // every message would first wake a worker thread, which then wakes this one.
     let runtime = match benchmark {
-        Benchmark::E2e(_) | Benchmark::Startup(_) | Benchmark::FloorResponder(_) => {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-        }
+        Benchmark::E2e(_)
+        | Benchmark::Startup(_)
+        | Benchmark::FloorResponder(_)
+        | Benchmark::EmbeddedBroker(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
         Benchmark::Reload(_) | Benchmark::Sandbox(_) => tokio::runtime::Runtime::new()?,
     };
     runtime.block_on(async {
@@ -73,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             Benchmark::Reload(options) => reload::run(options).await,
             Benchmark::Sandbox(options) => sandbox::run(&options),
             Benchmark::FloorResponder(options) => floor::run(options).await,
+            Benchmark::EmbeddedBroker(options) => broker::run(options).await,
         }
     })
 }
