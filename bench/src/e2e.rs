@@ -1,23 +1,32 @@
-//! End-to-end calls through Mosquitto, beside their floor. In one run, on one
-//! Mosquitto (TCP_NODELAY on), the same load generator drives in turn:
+//! End-to-end calls through Mosquitto and through edge-host's embedded broker, beside
+//! their floor. In one run the same load generator drives in turn, through one
+//! Mosquitto (TCP_NODELAY on):
 //! - the floor: a raw MQTT responder answering each request with its payload
 //!   ([`crate::floor`]), no dispatch, no sandbox;
 //! - edge-host serving the `echo` handler with a fresh instance per call;
 //! - edge-host serving it with instance reuse (a sidecar `echo.toml` saying
-//!   `reuse = true`), or a note that this build does not have it.
+//!   `reuse = true`), or a note that this build does not have it;
+//!
+//! and through the embedded broker (rumqttd):
+//! - the same responder, through the embedded broker run on its own
+//!   ([`crate::broker`]), as Mosquitto runs: the embedded broker's own floor;
+//! - edge-host, fresh and reuse, on its own embedded broker: the default path, where
+//!   the broker runs inside the host.
 //!
 //! Each is a process of its own, started afresh for each round (5 by default, so that a
 //! slow spell of the machine weighs on all of them and is outvoted); for each: latency
 //! with 1 call in flight, calls per second with 64 in flight, the CPU time it used per
-//! call in that phase and its RSS afterwards, each the median of the rounds', then
-//! the ratios to the floor beside DESIGN.md's targets.
+//! call in that phase and its RSS afterwards, each the median of the rounds'. Then the
+//! ratios: each edge-host row to the floor on its broker, beside DESIGN.md's targets,
+//! and the embedded broker's floor to Mosquitto's, beside issue 10's.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use edge_proto::BrokerUrl;
-use testkit::{Mosquitto, guest};
+use testkit::{Mosquitto, free_port, guest};
 
 use crate::load::{Errors, Generator, LatencyRun, ThroughputRun};
 use crate::process::{self, DEVICE, Process};
@@ -59,7 +68,7 @@ pub struct Options {
 
 /// What answers the calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Subject {
+enum Answerer {
     /// The raw MQTT responder.
     Floor,
     /// edge-host, a fresh instance per call (the default).
@@ -68,25 +77,73 @@ enum Subject {
     Reuse,
 }
 
+/// What the calls go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broker {
+    /// The run's Mosquitto.
+    Mosquitto,
+    /// edge-host's embedded broker: on its own for the responder, inside edge-host for
+    /// edge-host (its default path).
+    Embedded,
+}
+
+/// One row of the table: what answers, through what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Subject {
+    answerer: Answerer,
+    broker: Broker,
+}
+
+/// Every row, in the order measured and printed; the first is the floor.
+const SUBJECTS: [Subject; 6] = [
+    Subject::new(Answerer::Floor, Broker::Mosquitto),
+    Subject::new(Answerer::Fresh, Broker::Mosquitto),
+    Subject::new(Answerer::Reuse, Broker::Mosquitto),
+    Subject::new(Answerer::Floor, Broker::Embedded),
+    Subject::new(Answerer::Fresh, Broker::Embedded),
+    Subject::new(Answerer::Reuse, Broker::Embedded),
+];
+
 impl Subject {
+    const fn new(answerer: Answerer, broker: Broker) -> Self {
+        Self { answerer, broker }
+    }
+
     fn label(self) -> &'static str {
-        match self {
-            Self::Floor => "floor (raw responder)",
-            Self::Fresh => "edge-host, fresh instance",
-            Self::Reuse => "edge-host, instance reuse",
+        match (self.answerer, self.broker) {
+            (Answerer::Floor, Broker::Mosquitto) => "floor: responder, Mosquitto",
+            (Answerer::Fresh, Broker::Mosquitto) => "edge-host fresh, Mosquitto",
+            (Answerer::Reuse, Broker::Mosquitto) => "edge-host reuse, Mosquitto",
+            (Answerer::Floor, Broker::Embedded) => "responder, embedded broker",
+            (Answerer::Fresh, Broker::Embedded) => "edge-host fresh, own broker",
+            (Answerer::Reuse, Broker::Embedded) => "edge-host reuse, own broker",
         }
     }
 
-    /// DESIGN.md's targets for (p50, p99, calls/s) as ratios to the floor.
+    /// The row this one's ratios are taken to: an edge-host row's is the responder's
+    /// through the same broker; the embedded broker's responder's is the floor.
+    fn baseline(self) -> Option<Self> {
+        match (self.answerer, self.broker) {
+            (Answerer::Floor, Broker::Mosquitto) => None,
+            (Answerer::Floor, Broker::Embedded) | (_, Broker::Mosquitto) => {
+                Some(Self::new(Answerer::Floor, Broker::Mosquitto))
+            }
+            (_, Broker::Embedded) => Some(Self::new(Answerer::Floor, Broker::Embedded)),
+        }
+    }
+
+    /// The targets for (p50, p99, calls/s) as ratios to [`Subject::baseline`]:
+    /// DESIGN.md's for edge-host, issue 10's for the embedded broker.
     fn targets(self) -> [Option<Target>; 3] {
-        match self {
-            Self::Floor => [None; 3],
-            Self::Fresh => [
+        match self.answerer {
+            Answerer::Floor if self.broker == Broker::Mosquitto => [None; 3],
+            Answerer::Floor => [Some(Target::AtMost(1.3)), None, Some(Target::AtLeast(0.8))],
+            Answerer::Fresh => [
                 Some(Target::AtMost(1.6)),
                 Some(Target::AtMost(2.5)),
                 Some(Target::AtLeast(0.6)),
             ],
-            Self::Reuse => [
+            Answerer::Reuse => [
                 Some(Target::AtMost(1.2)),
                 Some(Target::AtMost(2.0)),
                 Some(Target::AtLeast(0.8)),
@@ -183,10 +240,43 @@ enum Outcome {
     Unavailable(String),
 }
 
+/// The brokers of a run, each with a load generator connected for the whole run.
+struct Brokers {
+    mosquitto: Mosquitto,
+    on_mosquitto: Generator,
+    /// The embedded broker on its own, for the responder through it.
+    embedded: Process,
+    embedded_url: BrokerUrl,
+    on_embedded: Generator,
+    /// The payload every call sends.
+    payload: Vec<u8>,
+}
+
+impl Brokers {
+    async fn start(options: &Options) -> anyhow::Result<Self> {
+        let payload = format!("\"{}\"", "x".repeat(options.payload.saturating_sub(2))).into_bytes();
+        let mosquitto = Mosquitto::start()?;
+        let on_mosquitto =
+            Generator::connect(&mosquitto.url(), DEVICE, METHOD, payload.clone()).await?;
+        let listen = loopback_port()?;
+        let mut embedded = Process::embedded_broker(listen)?;
+        let embedded_url = BrokerUrl::tcp("127.0.0.1", listen.port());
+        let on_embedded = connect_load(&embedded_url, &payload, &mut embedded).await?;
+        Ok(Self {
+            mosquitto,
+            on_mosquitto,
+            embedded,
+            embedded_url,
+            on_embedded,
+            payload,
+        })
+    }
+}
+
 /// Runs the benchmark and prints its table.
 ///
 /// # Errors
-/// When edge-host is not built, Mosquitto does not start, or a process under test
+/// When edge-host is not built, a broker does not start, or a process under test
 /// fails to start or to answer.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
@@ -194,10 +284,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     process::host_binary()?;
     let busy = process::check_quiet()?;
-    let broker = Mosquitto::start()?;
-    let payload = format!("\"{}\"", "x".repeat(options.payload.saturating_sub(2)));
-    let mut load = Generator::connect(&broker.url(), DEVICE, METHOD, payload.into_bytes()).await?;
-    let mut results: Vec<(Subject, Outcome)> = [Subject::Floor, Subject::Fresh, Subject::Reuse]
+    let mut brokers = Brokers::start(&options).await?;
+    let mut results: Vec<(Subject, Outcome)> = SUBJECTS
         .into_iter()
         .map(|subject| (subject, Outcome::Measured(Figures::default())))
         .collect();
@@ -206,7 +294,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let Outcome::Measured(figures) = outcome else {
                 continue;
             };
-            let attempt = measure(*subject, &broker.url(), &mut load, &options)
+            let attempt = measure(*subject, &mut brokers, &options)
                 .await
                 .with_context(|| format!("measuring {}", subject.label()))?;
             match attempt {
@@ -237,22 +325,43 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 /// Starts `subject`, waits until it answers, measures one round and stops it.
 async fn measure(
     subject: Subject,
-    broker: &BrokerUrl,
-    load: &mut Generator,
+    brokers: &mut Brokers,
     options: &Options,
 ) -> anyhow::Result<Attempt> {
     let handlers = tempfile::tempdir().context("creating a handlers folder")?;
     let cache = tempfile::tempdir().context("creating a cache folder")?;
-    let mut process = match subject {
-        Subject::Floor => Process::floor(broker)?,
-        Subject::Fresh | Subject::Reuse => {
-            deploy_echo(handlers.path(), subject == Subject::Reuse)?;
-            Process::host(broker, handlers.path(), cache.path())?
+    if subject.answerer != Answerer::Floor {
+        deploy_echo(handlers.path(), subject.answerer == Answerer::Reuse)?;
+    }
+    // edge-host on its own embedded broker brings the broker with it: a load generator
+    // connects to it afresh each round.
+    let mut own_load = None;
+    let (mut process, broker, load) = match (subject.answerer, subject.broker) {
+        (Answerer::Floor, Broker::Mosquitto) => {
+            let url = brokers.mosquitto.url();
+            (Process::floor(&url)?, url, &mut brokers.on_mosquitto)
+        }
+        (Answerer::Floor, Broker::Embedded) => {
+            brokers.embedded.check_running()?;
+            let url = brokers.embedded_url.clone();
+            (Process::floor(&url)?, url, &mut brokers.on_embedded)
+        }
+        (_, Broker::Mosquitto) => {
+            let url = brokers.mosquitto.url();
+            let process = Process::host(&url, handlers.path(), cache.path())?;
+            (process, url, &mut brokers.on_mosquitto)
+        }
+        (_, Broker::Embedded) => {
+            let listen = loopback_port()?;
+            let url = BrokerUrl::tcp("127.0.0.1", listen.port());
+            let mut process = Process::host_on_embedded(listen, handlers.path(), cache.path())?;
+            let load = connect_load(&url, &brokers.payload, &mut process).await?;
+            (process, url, own_load.insert(load))
         }
     };
     let status = ready(load, &mut process).await?;
-    if status == 404 && subject == Subject::Reuse {
-        let why = refusal(broker).await;
+    if status == 404 && subject.answerer == Answerer::Reuse {
+        let why = refusal(&broker).await;
         process.stop()?;
         return Ok(Attempt::Unavailable(why));
     }
@@ -278,6 +387,36 @@ async fn measure(
         throughput,
         rss,
     }))
+}
+
+/// A free address on loopback for a broker to listen on.
+fn loopback_port() -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
+
+/// Connects a load generator to `broker` as soon as it listens: the broker comes
+/// with `process`, which may take a while to start it.
+async fn connect_load(
+    broker: &BrokerUrl,
+    payload: &[u8],
+    process: &mut Process,
+) -> anyhow::Result<Generator> {
+    let started = std::time::Instant::now();
+    loop {
+        process.check_running()?;
+        match Generator::connect(broker, DEVICE, METHOD, payload.to_vec()).await {
+            Ok(load) => return Ok(load),
+            Err(error) if started.elapsed() > READY_TIMEOUT => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "{} did not let a client in within {READY_TIMEOUT:?}",
+                        process.name()
+                    )
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Copies the echo handler into `handlers`, with a sidecar opting in to instance
@@ -336,7 +475,8 @@ async fn refusal(broker: &BrokerUrl) -> String {
 /// Prints the figures side by side, then each edge-host row's ratios to the floor.
 fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
     println!(
-        "end-to-end through Mosquitto (set_tcp_nodelay true), method echo, {} B payload, {} rounds",
+        "end-to-end through Mosquitto (set_tcp_nodelay true) and edge-host's embedded broker, \
+         method echo, {} B payload, {} rounds",
         options.payload, options.rounds
     );
     println!(
@@ -353,6 +493,10 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
     println!(
         "  CPU/call (in the @{} window) and RSS (after it) are those of the process that answers",
         options.in_flight
+    );
+    println!(
+        "  the responder reaches the embedded broker run on its own; edge-host runs its own, \
+         so its CPU and RSS include the broker's"
     );
     println!("  each figure is the median of the rounds'; errors are all rounds'");
     println!(
@@ -393,30 +537,33 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
         }
     }
 
-    let Some((Subject::Floor, floor)) = summaries.first() else {
-        return;
-    };
-    for (subject, this) in &summaries[1..] {
+    for (subject, this) in &summaries {
+        let Some(baseline) = subject.baseline() else {
+            continue;
+        };
+        let Some((_, base)) = summaries.iter().find(|(row, _)| *row == baseline) else {
+            continue;
+        };
         let [p50, p99, throughput] = subject.targets();
         let ratio = |of: Duration, to: Duration| of.as_secs_f64() / to.as_secs_f64();
         println!();
-        println!("  {} vs the floor:", subject.label());
-        print_ratio("p50, 1 in flight", ratio(this.p50, floor.p50), p50);
-        print_ratio("p99, 1 in flight", ratio(this.p99, floor.p99), p99);
+        println!("  {} vs {}:", subject.label(), baseline.label());
+        print_ratio("p50, 1 in flight", ratio(this.p50, base.p50), p50);
+        print_ratio("p99, 1 in flight", ratio(this.p99, base.p99), p99);
         print_ratio(
             &format!("calls/s, {} in flight", options.in_flight),
-            this.calls_per_second as f64 / floor.calls_per_second as f64,
+            this.calls_per_second as f64 / base.calls_per_second as f64,
             throughput,
         );
         print_ratio(
             "CPU per call",
-            ratio(this.cpu_per_call, floor.cpu_per_call),
+            ratio(this.cpu_per_call, base.cpu_per_call),
             None,
         );
-        print_ratio("RSS", this.rss as f64 / floor.rss as f64, None);
+        print_ratio("RSS", this.rss as f64 / base.rss as f64, None);
     }
     if results.iter().any(|(subject, outcome)| {
-        *subject == Subject::Reuse && matches!(outcome, Outcome::Unavailable(_))
+        subject.answerer == Answerer::Reuse && matches!(outcome, Outcome::Unavailable(_))
     }) {
         println!();
         println!("  reuse: not available in this build");

@@ -1,9 +1,10 @@
 //! `edge-bench`: the project's benchmarks, run by hand (never part of the tests'
 //! pass/fail), each printing its figures beside what they are compared to.
 //!
-//! - [`e2e`]: calls end to end through Mosquitto, edge-host (fresh instance, instance
-//!   reuse) beside the floor, a raw MQTT responder: latency, throughput, CPU, RSS.
-//!   [`load`] is its load generator, [`floor`] the responder.
+//! - [`e2e`]: calls end to end through Mosquitto and through edge-host's embedded
+//!   broker, edge-host (fresh instance, instance reuse) beside the floor, a raw MQTT
+//!   responder: latency, throughput, CPU, RSS. [`load`] is its load generator,
+//!   [`floor`] the responder, [`broker`] the embedded broker on its own.
 //! - [`startup`]: start-up to ready with 20 handlers (compiled-code cache cold and
 //!   warm), and the idle host's RSS.
 //! - [`reload`]: hot swap under steady load: rename → first call served by the new
@@ -20,6 +21,7 @@
 //! `target/release/edge-bench <benchmark>`. The others run in this process:
 //! `cargo run --release -p edge-bench -- <benchmark>`.
 
+mod broker;
 mod e2e;
 mod floor;
 mod lang;
@@ -43,7 +45,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Benchmark {
-    /// End to end through Mosquitto: edge-host (fresh, reuse) beside a raw responder.
+    /// End to end through Mosquitto and the embedded broker: edge-host (fresh, reuse)
+    /// beside a raw responder.
     E2e(e2e::Options),
     /// Start-up to ready with 20 handlers (cache cold and warm), and idle RSS.
     Startup(startup::Options),
@@ -56,6 +59,9 @@ enum Benchmark {
     /// The floor of `e2e`: answers every request with its payload (started by `e2e`).
     #[command(hide = true)]
     FloorResponder(floor::Options),
+    /// The embedded broker on its own, for `e2e`'s floor through it (started by `e2e`).
+    #[command(hide = true)]
+    EmbeddedBroker(broker::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,23 +70,26 @@ fn main() -> anyhow::Result<()> {
     // socket (a current-thread runtime): under a multi-thread runtime's `block_on`,
     // every message would first wake a worker thread, which then wakes this one.
     let runtime = match benchmark {
-        Benchmark::E2e(_) | Benchmark::Startup(_) | Benchmark::FloorResponder(_) => {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-        }
-        Benchmark::Reload(_) | Benchmark::Sandbox(_) | Benchmark::Lang(_) => {
-            tokio::runtime::Runtime::new()?
-        }
+        Benchmark::E2e(_)
+        | Benchmark::Startup(_)
+        | Benchmark::FloorResponder(_)
+        | Benchmark::EmbeddedBroker(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Benchmark::Reload(_) => tokio::runtime::Runtime::new()?,
+        // These drive the sandbox directly, which runs calls (and loads) on runtimes
+        // of their own: not from within another runtime.
+        Benchmark::Sandbox(options) => return sandbox::run(&options),
+        Benchmark::Lang(options) => return lang::run(&options),
     };
     runtime.block_on(async {
         match benchmark {
             Benchmark::E2e(options) => e2e::run(options).await,
             Benchmark::Startup(options) => startup::run(options).await,
             Benchmark::Reload(options) => reload::run(options).await,
-            Benchmark::Sandbox(options) => sandbox::run(&options),
-            Benchmark::Lang(options) => lang::run(&options),
+            Benchmark::Sandbox(_) | Benchmark::Lang(_) => unreachable!("run above"),
             Benchmark::FloorResponder(options) => floor::run(options).await,
+            Benchmark::EmbeddedBroker(options) => broker::run(options).await,
         }
     })
 }

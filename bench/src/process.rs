@@ -1,8 +1,10 @@
 //! The processes under test, each a child of the benchmark so that all of them are
-//! measured the same way: edge-host (the release binary beside this one) and the floor
-//! responder (this binary's hidden `floor-responder`). Their CPU time and memory come
-//! from `/proc`; they are stopped with SIGTERM, as a service manager would.
+//! measured the same way: edge-host (the release binary beside this one), the floor
+//! responder (this binary's hidden `floor-responder`) and the embedded broker on its
+//! own (this binary's hidden `embedded-broker`). Their CPU time and memory come from
+//! `/proc`; they are stopped with SIGTERM, as a service manager would.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -20,7 +22,7 @@ const STOP_GRACE: Duration = Duration::from_secs(20);
 /// A process under test, killed when dropped if it still runs.
 pub struct Process {
     child: Child,
-    /// What it is, for messages: `edge-host` or `floor-responder`.
+    /// What it is, for messages: `edge-host`, `floor-responder` or `embedded-broker`.
     name: &'static str,
 }
 
@@ -31,10 +33,38 @@ impl Process {
     /// # Errors
     /// When the edge-host binary is not built or cannot be started.
     pub fn host(broker: &BrokerUrl, handlers: &Path, cache_dir: &Path) -> anyhow::Result<Self> {
+        Self::host_with(
+            ["--broker".to_owned(), broker.to_string()],
+            handlers,
+            cache_dir,
+        )
+    }
+
+    /// Starts the release edge-host as [`Process::host`] does, but on its own embedded
+    /// broker listening on `listen`: the default path, `cargo xtask run`'s.
+    ///
+    /// # Errors
+    /// When the edge-host binary is not built or cannot be started.
+    pub fn host_on_embedded(
+        listen: SocketAddr,
+        handlers: &Path,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::host_with(
+            ["--listen".to_owned(), listen.to_string()],
+            handlers,
+            cache_dir,
+        )
+    }
+
+    fn host_with(
+        broker_args: [String; 2],
+        handlers: &Path,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let binary = host_binary()?;
         let child = Command::new(&binary)
-            .arg("--broker")
-            .arg(broker.to_string())
+            .args(broker_args)
             .args(["--device-id", DEVICE, "--handlers"])
             .arg(handlers)
             .arg("--cache-dir")
@@ -71,7 +101,28 @@ impl Process {
         })
     }
 
-    /// What it is: `edge-host` or `floor-responder`.
+    /// Starts edge-host's embedded broker on its own (this binary, `embedded-broker`),
+    /// listening on `listen`.
+    ///
+    /// # Errors
+    /// When this binary cannot be found or started again.
+    pub fn embedded_broker(listen: SocketAddr) -> anyhow::Result<Self> {
+        let binary = std::env::current_exe().context("finding the edge-bench binary")?;
+        let child = Command::new(&binary)
+            .arg("embedded-broker")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} embedded-broker", binary.display()))?;
+        Ok(Self {
+            child,
+            name: "embedded-broker",
+        })
+    }
+
+    /// What it is: `edge-host`, `floor-responder` or `embedded-broker`.
     pub fn name(&self) -> &'static str {
         self.name
     }

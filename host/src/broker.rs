@@ -1,5 +1,9 @@
 //! The embedded broker: rumqttd on a thread of its own, so that one command runs the
 //! whole thing on one machine. Fleets point the host at their own broker instead.
+//!
+//! rumqttd is patched (`vendor/rumqttd`, see `vendor/README.md`) to set TCP_NODELAY on
+//! every connection it accepts: without it each call through it waited ~40 ms on
+//! Nagle's algorithm and the peer's delayed ACK.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
