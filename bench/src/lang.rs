@@ -4,7 +4,8 @@
 //! and per call, fresh and with instance reuse. A fresh call is split into the call
 //! itself (instantiate + `handle`) and the teardown the host does after the answer is
 //! queued, with the page faults it takes; with reuse, a call is `handle` alone, so
-//! fresh minus reuse is what a fresh instance costs.
+//! fresh minus reuse is what a fresh instance costs. CPU time per call is given too,
+//! since on a busy machine wall-clock percentiles measure the others as well.
 //!
 //! The Python and JavaScript guests are built through `testkit::lang` (their
 //! toolchains must be installed: `cargo xtask toolchains`).
@@ -109,17 +110,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         options.calls
     );
     println!(
-        "  {:<44} {:>8} {:>9} | {:>9} {:>9} {:>9} {:>8} | {:>9} {:>9} | {:>9}",
+        "  {:<44} {:>7} {:>8} | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
         "subject",
         "size",
         "load",
         "fresh p50",
         "p99",
         "teardown",
+        "cpu/call",
         "faults",
         "reuse p50",
         "p99",
-        "fresh-reuse"
+        "cpu/call",
     );
     for subject in SUBJECTS {
         if options
@@ -147,49 +149,45 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             request_id: "bench-request-0001".into(),
             time_left_ms: 30_000,
         };
-        let started = Instant::now();
         // The digest keys the compiled-code cache, when one is given.
         let digest = format!("sha256:{:x}", Sha256::digest(&wasm));
+        let started = Instant::now();
         let fresh_code = Arc::new(sandbox.load(&wasm, &digest, context(subject, None))?);
         let load = started.elapsed();
-        // Calls take milliseconds here, not microseconds: fewer for the slow ones.
-        let calls = options.calls;
-        let (fresh, teardown, faults) = if options.mode.as_deref() == Some("reuse") {
-            (None, None, None)
-        } else {
-            let (fresh, teardown, faults) = measure_fresh(&fresh_code, &request, calls)?;
-            (Some(fresh), Some(teardown), Some(faults))
+        let fresh = match options.mode.as_deref() {
+            Some("reuse") => None,
+            _ => Some(measure_fresh(&fresh_code, &request, options.calls)?),
         };
-        let reuse = if options.mode.as_deref() == Some("fresh") {
-            None
-        } else {
-            let reuse_code = sandbox.load(&wasm, &digest, context(subject, Some(1_000_000)))?;
-            Some(measure_reuse(&reuse_code, &request, calls)?)
+        let reuse = match options.mode.as_deref() {
+            Some("fresh") => None,
+            _ => {
+                let code = sandbox.load(&wasm, &digest, context(subject, Some(1_000_000)))?;
+                Some(measure_reuse(&code, &request, options.calls)?)
+            }
         };
-        let p = |s: &Option<Samples>, q: f64| {
-            s.as_ref().map_or("-".to_owned(), |s| us(s.percentile(q)))
-        };
-        let diff = match (&fresh, &reuse) {
-            (Some(f), Some(r)) => us(f.percentile(50.0).saturating_sub(r.percentile(50.0))),
-            _ => "-".to_owned(),
-        };
+        let show = |figure: Option<Duration>| figure.map_or("-".to_owned(), us);
         println!(
-            "  {:<44} {:>6.1}MB {:>8.2}s | {:>9} {:>9} {:>9} {:>8} | {:>9} {:>9} | {:>9}",
+            "  {:<44} {:>5.1}MB {:>7.2}s | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
             subject.name,
             wasm.len() as f64 / 1e6,
             load.as_secs_f64(),
-            p(&fresh, 50.0),
-            p(&fresh, 99.0),
-            p(&teardown, 50.0),
-            faults.map_or("-".to_owned(), |f: f64| format!("{f:.0}")),
-            p(&reuse, 50.0),
-            p(&reuse, 99.0),
-            diff,
+            show(fresh.as_ref().map(|f| f.call.percentile(50.0))),
+            show(fresh.as_ref().map(|f| f.call.percentile(99.0))),
+            show(fresh.as_ref().map(|f| f.teardown.percentile(50.0))),
+            show(fresh.as_ref().map(|f| f.cpu)),
+            fresh
+                .as_ref()
+                .map_or("-".to_owned(), |f| format!("{:.0}", f.faults)),
+            show(reuse.as_ref().map(|r| r.call.percentile(50.0))),
+            show(reuse.as_ref().map(|r| r.call.percentile(99.0))),
+            show(reuse.as_ref().map(|r| r.cpu)),
         );
     }
     println!(
-        "  load: compile (or, with --cache-dir, the cache) + pre-instantiate + methods(). fresh: instantiate + handle; teardown: after the answer (p50);\n  \
-         faults: minor page faults per fresh call (call + teardown). targets: Python fresh p50 <= 1 ms (reuse <= 0.3 ms), JS fresh p50 <= 0.5 ms"
+        "  load: compile (or, with --cache-dir, the cache) + pre-instantiate + methods(). fresh: instantiate + handle, then\n  \
+         teardown (p50, after the answer); cpu/call: this thread's CPU time per call, call and teardown (mean; holds on a\n  \
+         busy machine, where wall-clock percentiles do not); faults: minor page faults per fresh call.\n  \
+         targets: Python fresh p50 <= 1 ms (reuse <= 0.3 ms), JS fresh p50 <= 0.5 ms"
     );
     Ok(())
 }
@@ -209,13 +207,21 @@ fn context(subject: &Subject, reuse: Option<u32>) -> HandlerContext {
     }
 }
 
+/// What fresh calls measured.
+struct Fresh {
+    /// Instantiate + handle, until the answer.
+    call: Samples,
+    /// The teardown the host does after the answer.
+    teardown: Samples,
+    /// Minor page faults per call, call and teardown.
+    faults: f64,
+    /// CPU time per call, call and teardown.
+    cpu: Duration,
+}
+
 /// Fresh calls: the call (instantiate + handle) and the teardown timed apart, and the
-/// minor page faults of both, per call.
-fn measure_fresh(
-    code: &HandlerCode,
-    request: &Request,
-    calls: usize,
-) -> anyhow::Result<(Samples, Samples, f64)> {
+/// page faults and CPU time of both, per call.
+fn measure_fresh(code: &HandlerCode, request: &Request, calls: usize) -> anyhow::Result<Fresh> {
     let deadline = Duration::from_secs(30);
     for _ in 0..calls / 10 {
         code.call(request, deadline)?;
@@ -224,6 +230,7 @@ fn measure_fresh(
     let mut call = Vec::with_capacity(calls);
     let mut teardown = Vec::with_capacity(calls);
     let faults_before = minor_faults();
+    let cpu_before = cpu_time();
     for _ in 0..calls {
         let started = Instant::now();
         let response = code.call(request, deadline)?;
@@ -238,17 +245,30 @@ fn measure_fresh(
             response.payload
         );
     }
-    let faults = (minor_faults() - faults_before) as f64 / calls as f64;
-    Ok((Samples::new(call), Samples::new(teardown), faults))
+    Ok(Fresh {
+        call: Samples::new(call),
+        teardown: Samples::new(teardown),
+        faults: (minor_faults() - faults_before) as f64 / calls as f64,
+        cpu: per_call(cpu_time() - cpu_before, calls),
+    })
+}
+
+/// What calls served by a warm instance measured.
+struct Reuse {
+    /// `handle` alone.
+    call: Samples,
+    /// CPU time per call.
+    cpu: Duration,
 }
 
 /// Calls served by a warm instance: `handle` alone.
-fn measure_reuse(code: &HandlerCode, request: &Request, calls: usize) -> anyhow::Result<Samples> {
+fn measure_reuse(code: &HandlerCode, request: &Request, calls: usize) -> anyhow::Result<Reuse> {
     let deadline = Duration::from_secs(30);
     for _ in 0..calls / 10 {
         code.call(request, deadline)?;
     }
     let mut samples = Vec::with_capacity(calls);
+    let cpu_before = cpu_time();
     for _ in 0..calls {
         let started = Instant::now();
         let response = code.call(request, deadline)?;
@@ -260,17 +280,39 @@ fn measure_reuse(code: &HandlerCode, request: &Request, calls: usize) -> anyhow:
             response.payload
         );
     }
-    Ok(Samples::new(samples))
+    Ok(Reuse {
+        call: Samples::new(samples),
+        cpu: per_call(cpu_time() - cpu_before, calls),
+    })
+}
+
+fn per_call(total: Duration, calls: usize) -> Duration {
+    total / u32::try_from(calls.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Minor page faults this thread has taken (`/proc/thread-self/stat`, field 10).
 fn minor_faults() -> u64 {
+    thread_stat(10)
+}
+
+/// CPU time this thread has used, user and system (fields 14 and 15, in clock ticks
+/// of 10 ms: meaningful over many calls, not one).
+fn cpu_time() -> Duration {
+    Duration::from_millis((thread_stat(14) + thread_stat(15)) * 10)
+}
+
+/// Field `field` (numbered from 1, as in proc(5)) of `/proc/thread-self/stat`.
+fn thread_stat(field: usize) -> u64 {
     std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
         .and_then(|stat| {
-            // The command name may hold spaces: count fields after its closing `)`.
+            // The command name (field 2) may hold spaces: count from its closing `)`.
             let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().nth(7)?.parse().ok()
+            after
+                .split_whitespace()
+                .nth(field.checked_sub(3)?)?
+                .parse()
+                .ok()
         })
         .unwrap_or(0)
 }
