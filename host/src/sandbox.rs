@@ -201,13 +201,17 @@ fn list_methods(
         .context("starting a runtime to load the handler")?;
     let mut store = new_store(engine, context, "(load)", "-", LOAD_DEADLINE)
         .map_err(|e| wasmtime::format_err!("{e}"))?;
-    let listed = runtime.block_on(tokio::time::timeout(LOAD_DEADLINE, async {
-        let handler = pre.instantiate_async(&mut store).await?;
-        handler
-            .edge_methods_handler()
-            .call_methods(&mut store)
-            .await
-    }));
+    // The deadline's timer is made inside the runtime: on its clock, not a caller's.
+    let listed = runtime.block_on(async {
+        tokio::time::timeout(LOAD_DEADLINE, async {
+            let handler = pre.instantiate_async(&mut store).await?;
+            handler
+                .edge_methods_handler()
+                .call_methods(&mut store)
+                .await
+        })
+        .await
+    });
     settle(listed, &store, LOAD_DEADLINE).map_err(|e| wasmtime::format_err!("{e}"))
 }
 
