@@ -20,6 +20,29 @@ const GUESTS: &[(&str, &str)] = &[
     ("named", "testkit/fixtures/named"),
 ];
 
+/// What to do when the guests' target is missing; `cargo xtask test` does it itself.
+const MISSING_TARGET: &str = "the wasm32-wasip2 target is not installed for this toolchain, and the \
+    tests' guest components are built for it: run `rustup target add wasm32-wasip2` (or run the \
+    tests with `cargo xtask test`, which adds it), then build again";
+
+/// Whether the compiler cargo uses has the standard library of wasm32-wasip2.
+fn has_wasm_target() -> bool {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc)
+        .args(["--print", "target-libdir", "--target", "wasm32-wasip2"])
+        .output()
+    else {
+        return false;
+    };
+    let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    out.status.success()
+        && std::fs::read_dir(libdir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|entry| entry.file_name().to_string_lossy().starts_with("libcore-"))
+        })
+}
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir
@@ -35,6 +58,10 @@ fn main() {
         "cargo:rerun-if-changed={}",
         root.join("Cargo.lock").display()
     );
+
+    // Without the target the build below fails with "can't find crate for `core`",
+    // which does not say what to do.
+    assert!(has_wasm_target(), "{MISSING_TARGET}");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
@@ -69,8 +96,7 @@ fn main() {
         .expect("cannot run cargo to build the guests");
     assert!(
         status.success(),
-        "building the guest components failed (see the compiler output above; is the wasm32-wasip2 target installed? \
-         `rustup target add wasm32-wasip2`)"
+        "building the guest components failed (see the compiler output above)"
     );
     let out = target_dir.join("wasm32-wasip2").join("guest");
     println!("cargo:rustc-env=EDGE_GUESTS_DIR={}", out.display());

@@ -35,7 +35,7 @@ pub struct Config {
     /// The topic namespace template; `{device-id}` stands for the device id.
     pub namespace: String,
     /// Where compiled handler code is cached; unset means the user's cache folder
-    /// (`$XDG_CACHE_HOME/edge-host` or `~/.cache/edge-host`).
+    /// (`$XDG_CACHE_HOME/edge-host` or `~/.cache/edge-host`; none without either).
     pub cache_dir: Option<PathBuf>,
     /// Whether to cache compiled handler code at all.
     pub cache: bool,
@@ -75,13 +75,21 @@ impl Config {
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
-    /// The folder compiled code is cached in, or none when caching is off.
+    /// The folder compiled code is cached in, or none when caching is off, or when no
+    /// folder is configured and neither `XDG_CACHE_HOME` nor `HOME` is set (a warning
+    /// says so: the cache never falls back to a folder other users share).
     pub fn cache_dir(&self) -> Option<PathBuf> {
-        self.cache.then(|| {
-            self.cache_dir
-                .clone()
-                .unwrap_or_else(crate::cache::default_dir)
-        })
+        if !self.cache {
+            return None;
+        }
+        let dir = self.cache_dir.clone().or_else(crate::cache::default_dir);
+        if dir.is_none() {
+            tracing::warn!(
+                "neither XDG_CACHE_HOME nor HOME is set: compiled code is not cached \
+                 (give --cache-dir to cache it)"
+            );
+        }
+        dir
     }
 
     /// TLS and credentials for the broker connection; the password comes from

@@ -5,11 +5,16 @@
 //! Payloads are re-laid out from the device's own text, never parsed into numbers and
 //! printed back, so a number keeps every digit the device sent.
 //!
+//! Whatever a device supplied goes through [`escape`] before it is printed, so that a
+//! device cannot drive the operator's terminal.
+//!
 //! - this file: [`Format`], [`Paint`], and what `call` prints;
+//! - [`escape`]: device-supplied text made harmless on a terminal;
 //! - [`table`]: columns for people;
 //! - [`fleet`]: what `devices` and `methods` print;
 //! - [`job`]: what `broadcast` prints.
 
+pub mod escape;
 pub mod fleet;
 pub mod job;
 pub mod table;
@@ -92,8 +97,8 @@ pub enum Format {
 pub fn invoking(device: &str, method: &str, payload: &str, paint: Paint) -> String {
     format!(
         "Invoking method '{}' on device '{}' with payload: {}\n",
-        paint.paint(style::HEADER, method),
-        paint.paint(style::HEADER, device),
+        paint.paint(style::HEADER, &escape::text(method)),
+        paint.paint(style::HEADER, &escape::text(device)),
         relayout(payload, false, Paint::NONE)
     )
 }
@@ -152,37 +157,43 @@ pub fn error(format: Format, error: &CallError, paint: Paint) -> String {
             };
             // A struct of a number and a string always serializes.
             let json = serde_json::to_string(&object).unwrap_or_default();
-            format!("{json}\n")
+            format!("{}\n", escape::json(&json))
         }
     }
 }
 
-/// One line for stderr saying what failed: `error: <what>`.
+/// One line for stderr saying what failed: `error: <what>`, with `what` escaped (it
+/// may name what a device supplied).
 pub fn failure(what: &str, paint: Paint) -> String {
-    format!("{} {what}\n", paint.paint(style::BAD, "error:"))
+    format!(
+        "{} {}\n",
+        paint.paint(style::BAD, "error:"),
+        escape::text(what)
+    )
 }
 
 /// A response payload as JSON text: the device's JSON re-laid out, or, when the device
-/// sent something that is not JSON, that text as a JSON string.
+/// sent something that is not JSON, that text as a JSON string; escaped either way.
 pub fn payload_text(payload: &ResponsePayload, pretty: bool, paint: Paint) -> String {
     match payload {
         ResponsePayload::Json(json) => relayout(json, pretty, paint),
-        ResponsePayload::NotJson(text) => {
-            serde_json::to_string(text).unwrap_or_else(|_| String::from("null"))
-        }
+        ResponsePayload::NotJson(text) => json_string(text),
     }
 }
 
-/// A string as a JSON string.
+/// A string as a JSON string, escaped.
 pub fn json_string(text: &str) -> String {
-    serde_json::to_string(text).unwrap_or_else(|_| String::from("null"))
+    let json = serde_json::to_string(text).unwrap_or_else(|_| String::from("null"));
+    escape::json(&json).into_owned()
 }
 
 /// Lays out JSON text, which must be one valid JSON document, without parsing it:
 /// whitespace between tokens is dropped, and with `pretty` put back as two-space
-/// indentation (as `serde_json::to_string_pretty` does). Strings are copied as they are;
-/// `paint` colours keys and string values as jq does.
+/// indentation (as `serde_json::to_string_pretty` does). Strings are copied as they are,
+/// but for the characters [`escape::json`] escapes; `paint` colours keys and string
+/// values as jq does.
 fn relayout(json: &str, pretty: bool, paint: Paint) -> String {
+    let json = escape::json(json);
     let bytes = json.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut depth = 0usize;

@@ -326,3 +326,104 @@ async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_
     assert!(errors[0].contains("UnknownIssuer"), "{stderr}");
     host.stop().await.expect("clean stop");
 }
+
+/// Runs `edge-invoker --broker URL ARGS...` with the system's trust store replaced by
+/// `cert_file` (rustls-native-certs reads `SSL_CERT_FILE` instead of the system's).
+async fn invoker_trusting(
+    broker: &BrokerUrl,
+    cert_file: &std::path::Path,
+    args: &[&str],
+) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-invoker"))
+        .arg("--broker")
+        .arg(broker.to_string())
+        .args(args)
+        .env("SSL_CERT_FILE", cert_file)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("EDGE_CA_FILE")
+        .output()
+        .await
+        .expect("edge-invoker runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_without_a_ca_file_trusts_the_systems_roots() {
+    testkit::init_logging();
+    let pki = testkit::TestPki::generate("edge test CA").expect("pki");
+    let mosquitto = Mosquitto::start_tls(&pki, true).expect("mosquitto with TLS");
+    let broker = BrokerUrl {
+        tls: true,
+        ..mosquitto.url()
+    };
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    let mut config = host_config("system-roots-device", handlers.path(), broker.clone());
+    config.tls.ca_file = Some(pki.file("ca.pem"));
+    config.tls.cert_file = Some(pki.file("client.pem"));
+    config.tls.key_file = Some(pki.file("client.key"));
+    let host = TestHost::start(config)
+        .await
+        .expect("the host comes online");
+    // The test's CA stands in for the system's roots: no --ca-file is given.
+    let (cert, key) = (
+        pki.file("client.pem").display().to_string(),
+        pki.file("client.key").display().to_string(),
+    );
+    let args = [
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--json",
+        "call",
+        "system-roots-device",
+        "echo",
+        "7",
+    ];
+    let out = invoker_trusting(&broker, &pki.file("ca.pem"), &args).await;
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), r#"{"status":200,"payload":7}"#),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_system_trust_store_is_one_clear_error_not_a_panic() {
+    let pki = testkit::TestPki::generate("edge test CA").expect("pki");
+    let mosquitto = Mosquitto::start_tls(&pki, false).expect("mosquitto with TLS");
+    let broker = BrokerUrl {
+        tls: true,
+        ..mosquitto.url()
+    };
+    let nowhere = pki.file("no-such-trust-store.pem");
+    let (cert, key) = (
+        pki.file("client.pem").display().to_string(),
+        pki.file("client.key").display().to_string(),
+    );
+    let with_cert = [
+        "--cert-file",
+        cert.as_str(),
+        "--key-file",
+        key.as_str(),
+        "devices",
+    ];
+    for args in [&["devices"][..], &with_cert[..]] {
+        let out = invoker_trusting(&broker, &nowhere, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            errors[0].contains("no CA certificate to trust")
+                && errors[0].contains("no-such-trust-store.pem")
+                && errors[0].contains("--ca-file"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -4,10 +4,20 @@
 //!
 //! Secrets never need to sit on a command line (where `ps` shows them): the password
 //! comes from an environment variable or a file, and keys from files.
+//!
+//! The TLS configuration is built here, in full, before connecting: the CA file's
+//! certificates, or else the system's trust store (`rustls-native-certs`, which
+//! honours `SSL_CERT_FILE` and `SSL_CERT_DIR`), with or without a client certificate.
+//! A file without what it should hold, or a system without any CA certificate, is an
+//! error at once, naming what to do, rather than a failure at the first handshake.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
 
 use crate::BrokerUrl;
 
@@ -71,6 +81,37 @@ pub enum TransportError {
     /// A password without a username.
     #[error("a password needs a username")]
     PasswordWithoutUsername,
+    /// A PEM file holds no certificate (a CA file or a client certificate).
+    #[error("{what} {path} holds no PEM certificate")]
+    NoCertificate {
+        /// Which file.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+    },
+    /// The client key file holds no PEM private key.
+    #[error("client key {path} holds no PEM private key: {reason}")]
+    NoKey {
+        /// Where.
+        path: PathBuf,
+        /// What the PEM reader said.
+        reason: String,
+    },
+    /// rustls refused the client certificate and key (say, a key of another
+    /// certificate, or of a kind it does not support).
+    #[error("the client certificate and key cannot be used: {0}")]
+    ClientAuth(rustls::Error),
+    /// No CA file is given and the system's trust store has no certificate (it is
+    /// missing, or `SSL_CERT_FILE`/`SSL_CERT_DIR` point where there are none).
+    #[error(
+        "no CA certificate to trust: the system's trust store {why}; give the broker's CA \
+         with --ca-file (EDGE_CA_FILE), or install the system's CA certificates \
+         (Debian: ca-certificates)"
+    )]
+    NoSystemRoots {
+        /// What the loader found or failed to read.
+        why: String,
+    },
 }
 
 impl Security {
@@ -102,28 +143,92 @@ impl Security {
         Ok(())
     }
 
+    /// The TLS transport: the CA file's certificates or the system's roots, and the
+    /// client certificate when one is given.
     fn transport(&self) -> Result<Transport, TransportError> {
         let client_auth = match (&self.tls.cert_file, &self.tls.key_file) {
-            (Some(cert), Some(key)) => {
-                Some((read(cert, "client certificate")?, read(key, "client key")?))
-            }
+            (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             _ => return Err(TransportError::HalfClientAuth),
         };
-        Ok(match &self.tls.ca_file {
-            Some(ca) => Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: read(ca, "CA file")?,
-                alpn: None,
-                client_auth,
-            }),
-            None if client_auth.is_none() => Transport::tls_with_default_config(),
-            None => Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: Vec::new(),
-                alpn: None,
-                client_auth,
-            }),
-        })
+        let roots = match &self.tls.ca_file {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                roots.add_parsable_certificates(certificates(ca, "CA file")?);
+                if roots.is_empty() {
+                    return Err(TransportError::NoCertificate {
+                        what: "CA file",
+                        path: ca.clone(),
+                    });
+                }
+                roots
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                system_roots(found.certs, &found.errors)?
+            }
+        };
+        let builder = ClientConfig::builder().with_root_certificates(roots);
+        let config = match client_auth {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(certificates(cert, "client certificate")?, private_key(key)?)
+                .map_err(TransportError::ClientAuth)?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )))
     }
+}
+
+/// The roots to trust when no CA file is given: what the system's trust store holds.
+/// Errors reading parts of it are ignored while any certificate was found (a stray
+/// unreadable file in `/etc/ssl/certs` must not stop TLS); with none, it is an error
+/// that says what was tried.
+fn system_roots(
+    found: Vec<CertificateDer<'static>>,
+    errors: &[impl std::fmt::Display],
+) -> Result<RootCertStore, TransportError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found);
+    if !roots.is_empty() {
+        return Ok(roots);
+    }
+    let why = if errors.is_empty() {
+        "holds no certificate".to_owned()
+    } else {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        format!("cannot be read ({})", errors.join("; "))
+    };
+    Err(TransportError::NoSystemRoots { why })
+}
+
+/// Every certificate in a PEM file; none is an error.
+fn certificates(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = read(path, what)?;
+    // A block that is not a certificate (a key, a comment) is skipped, as OpenSSL does.
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TransportError::NoCertificate {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    let bytes = read(path, "client key")?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| TransportError::NoKey {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TransportError> {
@@ -212,6 +317,50 @@ mod tests {
             anonymous_password
                 .apply(&broker("mqtt://h"), &mut options)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn with_no_system_roots_tls_is_an_error_that_says_what_to_do() {
+        let missing = ["failed to read PEM from file: /nowhere/ca.pem: No such file"];
+        let error = system_roots(Vec::new(), &missing).expect_err("no roots at all");
+        let text = error.to_string();
+        assert!(
+            matches!(error, TransportError::NoSystemRoots { .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("cannot be read (failed to read PEM"),
+            "{text}"
+        );
+        assert!(text.contains("--ca-file"), "{text}");
+        let empty: [&str; 0] = [];
+        let error = system_roots(Vec::new(), &empty).expect_err("an empty store");
+        assert!(
+            error.to_string().contains("holds no certificate"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_what_it_should_hold_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("folder");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").expect("written");
+        let mut options = MqttOptions::new("c", "h", 1);
+        let ca = Security {
+            tls: TlsFiles {
+                ca_file: Some(empty.clone()),
+                ..TlsFiles::default()
+            },
+            ..Security::default()
+        };
+        let error = ca
+            .apply(&broker("mqtts://h"), &mut options)
+            .expect_err("a CA file with no certificate");
+        assert_eq!(
+            error.to_string(),
+            format!("CA file {} holds no PEM certificate", empty.display())
         );
     }
 

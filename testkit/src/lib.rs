@@ -5,9 +5,13 @@
 //! - [`TestHost`]: an edge-host running in-process with an injected shutdown;
 //! - [`presence`]: waits for a device's retained presence, as a caller sees it;
 //! - [`lang`]: guests in Python and JavaScript, built on first use.
+//! - [`RawClient`], [`WireCaller`], [`publish_once`]: plain MQTT clients for tests that
+//!   send what edge-host and edge-invoker never would.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -168,7 +172,8 @@ fn wait_listening(port: u16, timeout: Duration) -> anyhow::Result<()> {
 /// on; killed when dropped.
 pub struct Mosquitto {
     child: Child,
-    port: u16,
+    /// The listeners' ports; the first is the one [`Mosquitto::url`] names.
+    ports: Vec<u16>,
     dir: TempDir,
 }
 
@@ -214,7 +219,28 @@ impl Mosquitto {
                  log_dest stderr\n{log_types}listener {port} 127.0.0.1\n{listener_config}\n"
             ),
         )?;
-        Self::spawn(port, dir)
+        Self::spawn(vec![port], dir)
+    }
+
+    /// Starts Mosquitto with `config` as its whole configuration, listeners included,
+    /// but for testkit's own lines (run as root, log to stderr, no persistence): for a
+    /// test of a configuration file as documented. `ports` are the ports its
+    /// `listener` lines use (from [`free_port`]); each is waited for, and the first is
+    /// the one [`Mosquitto::url`] names.
+    ///
+    /// # Errors
+    /// When Mosquitto is not installed or does not start listening on every port.
+    pub fn start_config(ports: &[u16], config: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(!ports.is_empty(), "Mosquitto needs a listener");
+        let dir = tempfile::tempdir().context("creating Mosquitto's folder")?;
+        let log_types = std::env::var("TESTKIT_MOSQUITTO_LOG")
+            .map(|types| format!("log_type {types}\n"))
+            .unwrap_or_else(|_| "log_type error\nlog_type warning\n".to_owned());
+        std::fs::write(
+            dir.path().join("mosquitto.conf"),
+            format!("user root\npersistence false\nlog_dest stderr\n{log_types}{config}\n"),
+        )?;
+        Self::spawn(ports.to_vec(), dir)
     }
 
     /// The folder holding the broker's configuration, for files it refers to.
@@ -222,9 +248,9 @@ impl Mosquitto {
         self.dir.path()
     }
 
-    fn spawn(port: u16, dir: TempDir) -> anyhow::Result<Self> {
-        let child = launch(port, dir.path())?;
-        Ok(Self { child, port, dir })
+    fn spawn(ports: Vec<u16>, dir: TempDir) -> anyhow::Result<Self> {
+        let child = launch(&ports, dir.path())?;
+        Ok(Self { child, ports, dir })
     }
 
     /// Kills the broker and starts it again on the same port and configuration.
@@ -234,13 +260,13 @@ impl Mosquitto {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.child.kill().ok();
         self.child.wait().ok();
-        self.child = launch(self.port, self.dir.path())?;
+        self.child = launch(&self.ports, self.dir.path())?;
         Ok(())
     }
 
-    /// The broker's URL.
+    /// The broker's URL (its first listener's).
     pub fn url(&self) -> BrokerUrl {
-        BrokerUrl::tcp("127.0.0.1", self.port)
+        BrokerUrl::tcp("127.0.0.1", self.ports[0])
     }
 }
 
@@ -251,8 +277,9 @@ impl Drop for Mosquitto {
     }
 }
 
-/// Runs Mosquitto with the configuration in `dir` and waits until it listens.
-fn launch(port: u16, dir: &Path) -> anyhow::Result<Child> {
+/// Runs Mosquitto with the configuration in `dir` and waits until it listens on every
+/// one of `ports`.
+fn launch(ports: &[u16], dir: &Path) -> anyhow::Result<Child> {
     let binary = mosquitto_binary()?;
     let mut child = Command::new(&binary)
         .arg("-c")
@@ -261,10 +288,13 @@ fn launch(port: u16, dir: &Path) -> anyhow::Result<Child> {
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    if let Err(e) = wait_listening(port, Duration::from_secs(10)) {
-        let exited = child.try_wait().ok().flatten();
-        child.kill().ok();
-        bail!("Mosquitto did not start (exit status {exited:?}): {e}");
+    for port in ports {
+        if let Err(e) = wait_listening(*port, Duration::from_secs(10)) {
+            let exited = child.try_wait().ok().flatten();
+            child.kill().ok();
+            child.wait().ok();
+            bail!("Mosquitto did not start (exit status {exited:?}): {e}");
+        }
     }
     Ok(child)
 }
@@ -437,6 +467,16 @@ pub struct RawClient {
     client: rumqttc::AsyncClient,
     messages: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     subscribed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// How a [`RawClient`] connects, beyond the broker's address.
+#[derive(Debug, Clone, Default)]
+pub struct RawOptions {
+    /// The client id to ask for; none makes a unique one.
+    pub client_id: Option<String>,
+    /// TLS files and credentials.
+    pub security: Security,
 }
 
 impl RawClient {
@@ -463,21 +503,54 @@ impl RawClient {
             password: login.map(|(_, password)| password.to_owned()),
             ..Security::default()
         };
-        let client_id = format!("testkit-raw-{}-{}", std::process::id(), free_port()?);
+        let options = RawOptions {
+            client_id: None,
+            security,
+        };
+        Self::connect_with(broker, filters, &options).await
+    }
+
+    /// Like [`RawClient::connect`], with a chosen client id, TLS and credentials.
+    /// Returns once the broker accepted the connection (CONNACK) and every
+    /// subscription; a connection the broker refuses (CONNACK with an error code) is
+    /// an error at once, one it does not answer is retried for up to 10 s.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached, refuses the connection, or does not
+    /// acknowledge within 10 s.
+    pub async fn connect_with(
+        broker: &BrokerUrl,
+        filters: &[String],
+        raw: &RawOptions,
+    ) -> anyhow::Result<Self> {
+        let client_id = match &raw.client_id {
+            Some(id) => id.clone(),
+            None => format!("testkit-raw-{}-{}", std::process::id(), free_port()?),
+        };
         let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(4 << 20, 4 << 20);
-        security.apply(broker, &mut options)?;
+        raw.security.apply(broker, &mut options)?;
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
         let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
         let (acked, subscribed) = tokio::sync::mpsc::unbounded_channel();
+        let (connected, first) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
         tokio::spawn(async move {
+            let mut connected = Some(connected);
             loop {
                 match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        if let Some(connected) = connected.take() {
+                            connected.send(Ok(())).ok();
+                        }
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         if tx.send((p.topic, p.payload.to_vec())).is_err() {
                             return;
@@ -488,14 +561,31 @@ impl RawClient {
                     }
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(error @ rumqttc::ConnectionError::ConnectionRefused(_))
+                        if connected.is_some() =>
+                    {
+                        // Refused before ever connecting: say why, and stop trying.
+                        if let Some(connected) = connected.take() {
+                            connected.send(Err(error.to_string())).ok();
+                        }
+                        return;
+                    }
+                    // The broker may still be starting, or was restarted: try again.
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
+        match tokio::time::timeout(Duration::from_secs(10), first).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => bail!("the broker refused the connection: {why}"),
+            Ok(Err(_)) => bail!("the client's task ended before connecting"),
+            Err(_) => bail!("no CONNACK within 10 s"),
+        }
         let mut raw = Self {
             client,
             messages,
             subscribed,
+            connections,
         };
         for filter in filters {
             raw.client
@@ -506,6 +596,12 @@ impl RawClient {
                 .with_context(|| format!("no SUBACK for {filter}"))?;
         }
         Ok(raw)
+    }
+
+    /// How many times the broker accepted this client's connection: more than one
+    /// means it lost a connection and made another.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Publishes `payload` on `topic` at QoS 0, as callers send requests.
@@ -557,6 +653,62 @@ impl RawClient {
         .flatten()
         .with_context(|| format!("no matching message within {timeout:?}"))
     }
+}
+
+/// What became of a message [`publish_once`] sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The broker acknowledged it (PUBACK).
+    Acknowledged,
+    /// The broker closed the connection instead, for this reason.
+    Disconnected(String),
+}
+
+/// Connects to `broker` with `security`, publishes one message at QoS 1 (packets of up
+/// to 4 MiB allowed), and says whether the broker acknowledged it or cut the
+/// connection; then disconnects.
+///
+/// # Errors
+/// When the broker cannot be reached or refuses the connection, or nothing happens
+/// within 10 s.
+pub async fn publish_once(
+    broker: &BrokerUrl,
+    security: &Security,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+) -> anyhow::Result<Delivery> {
+    let client_id = format!("testkit-once-{}-{}", std::process::id(), free_port()?);
+    let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(4 << 20, 4 << 20);
+    security.apply(broker, &mut options)?;
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let run = async {
+        let mut published = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) if !published => {
+                    published = true;
+                    client
+                        .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.clone())
+                        .await?;
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    return anyhow::Ok(Delivery::Acknowledged);
+                }
+                Ok(_) => {}
+                Err(error) if published => return Ok(Delivery::Disconnected(error.to_string())),
+                Err(error) => bail!("could not connect: {error}"),
+            }
+        }
+    };
+    let delivery = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .context("neither acknowledged nor disconnected within 10 s")??;
+    client.disconnect().await.ok();
+    Ok(delivery)
 }
 
 /// A caller that speaks the wire protocol with a plain MQTT client, for tests that

@@ -9,12 +9,20 @@
 //!   toolchains under `target/` ([`xtask::lang`]).
 //! - `cargo xtask new NAME --lang rust|python|js [--dir PATH]`: a standalone handler
 //!   folder that builds with one command ([`xtask::scaffold`]).
+//!
+//! Each task that builds guests first makes sure the `wasm32-wasip2` target is installed
+//! (see [`ensure_wasm_target`]): rustup installs the targets of `rust-toolchain.toml`
+//! only when it installs the toolchain itself, so a machine that already had stable has
+//! no wasm target until someone adds it.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
+
+/// The target every guest (handler or test fixture) is built for.
+const WASM_TARGET: &str = "wasm32-wasip2";
 
 /// The example handlers: packages under `handlers/`.
 const HANDLERS: &[&str] = &["device-method", "echo", "device-info"];
@@ -69,6 +77,7 @@ fn cargo() -> Command {
 /// Builds the example handlers for wasm32-wasip2 and copies them, with their sidecars,
 /// into `target/handlers/` as `NAME.wasm`.
 fn build_handlers() -> anyhow::Result<PathBuf> {
+    ensure_wasm_target()?;
     let target_dir = root().join("target").join("guests");
     let mut build = cargo();
     build
@@ -170,11 +179,94 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
 /// Makes sure Mosquitto is there, then runs the test suite.
 fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_mosquitto()?;
-    // The Python and JavaScript tests build their guests with these.
+    // testkit's build script builds every guest for the wasm target, and the Python
+    // and JavaScript tests build theirs with these toolchains.
+    ensure_wasm_target()?;
     xtask::lang::install_all(&root())?;
     let mut tests = cargo();
     tests.arg("test").args(args);
     check(tests.status().context("running cargo test")?, "the tests")
+}
+
+/// Adds the `wasm32-wasip2` target to the project's toolchain when it is missing.
+///
+/// rustup runs in the workspace root, so it acts on the toolchain `rust-toolchain.toml`
+/// names, the one cargo builds with. Without rustup (a distribution's Rust, say) the
+/// target's standard library is looked for where rustc keeps it, and when it is not
+/// there the error says what to install.
+///
+/// # Errors
+/// When the target is missing and cannot be added.
+fn ensure_wasm_target() -> anyhow::Result<()> {
+    let listed = Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "list", "--installed"])
+        .output();
+    match listed {
+        Ok(out) if out.status.success() => {
+            if lists_target(&String::from_utf8_lossy(&out.stdout), WASM_TARGET) {
+                return Ok(());
+            }
+            eprintln!(
+                "xtask: the {WASM_TARGET} target is missing; adding it (rustup target add {WASM_TARGET})"
+            );
+            let added = Command::new("rustup")
+                .current_dir(root())
+                .args(["target", "add", WASM_TARGET])
+                .status()
+                .context("running rustup target add")?;
+            check(added, &format!("rustup target add {WASM_TARGET}"))
+        }
+        Ok(out) => bail!(
+            "`rustup target list --installed` failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            missing_target_help()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if rustc_has_target(WASM_TARGET) {
+                Ok(())
+            } else {
+                bail!("{}", missing_target_help())
+            }
+        }
+        Err(error) => Err(error).context("running rustup"),
+    }
+}
+
+/// What to do when the wasm target is missing and this program cannot add it.
+fn missing_target_help() -> String {
+    format!(
+        "the {WASM_TARGET} target is not installed for this toolchain, and the handlers are built for it. \
+         With rustup: `rustup target add {WASM_TARGET}`. Without rustup: install your Rust \
+         distribution's standard library for {WASM_TARGET} (or install Rust with rustup, \
+         https://rustup.rs), then run this again."
+    )
+}
+
+/// Whether `rustup target list --installed` output lists `target`.
+fn lists_target(output: &str, target: &str) -> bool {
+    output.lines().any(|line| line.trim() == target)
+}
+
+/// Whether rustc (without rustup) has the standard library of `target`: its
+/// `target-libdir` holds a `libcore`.
+fn rustc_has_target(target: &str) -> bool {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc)
+        .current_dir(root())
+        .args(["--print", "target-libdir", "--target", target])
+        .output()
+    else {
+        return false;
+    };
+    let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    out.status.success()
+        && std::fs::read_dir(libdir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|entry| entry.file_name().to_string_lossy().starts_with("libcore-"))
+        })
 }
 
 /// Installs Debian's Mosquitto when it is missing and this user can.
@@ -219,5 +311,32 @@ fn check(status: std::process::ExitStatus, what: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("{what} failed ({status})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wasm_target_is_found_only_as_a_whole_line_of_rustups_list() {
+        let installed = "wasm32-wasip2\nx86_64-unknown-linux-gnu\n";
+        assert!(lists_target(installed, "wasm32-wasip2"));
+        assert!(!lists_target("x86_64-unknown-linux-gnu\n", "wasm32-wasip2"));
+        assert!(!lists_target("wasm32-wasip2-threads\n", "wasm32-wasip2"));
+        assert!(!lists_target("", "wasm32-wasip2"));
+        // Windows line ends and stray blanks do not hide it.
+        assert!(lists_target(
+            "x86_64-pc-windows-msvc\r\nwasm32-wasip2\r\n",
+            "wasm32-wasip2"
+        ));
+    }
+
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    fn rustc_finds_the_standard_library_of_a_target_it_has_and_not_of_others() {
+        assert!(rustc_has_target("x86_64-unknown-linux-gnu"));
+        assert!(!rustc_has_target("sparc64-unknown-linux-gnu"));
+        assert!(!rustc_has_target("no-such-target"));
     }
 }

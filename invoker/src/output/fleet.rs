@@ -5,7 +5,7 @@ use edge_proto::{Catalog, CatalogEntry, CatalogFailure, Presence};
 use serde::Serialize;
 
 use super::table::{Cell, Table};
-use super::{Paint, style};
+use super::{Paint, escape, style};
 use crate::fleet::DeviceState;
 
 /// The `devices` table: id, state, since when, methods served, agent.
@@ -83,30 +83,34 @@ pub fn device_json(device: &DeviceState) -> String {
         failed_handlers: device.catalog.as_ref().map(Catalog::failed_handlers),
     };
     // Strings, numbers and booleans always serialize.
-    format!("{}\n", serde_json::to_string(&object).unwrap_or_default())
+    let json = serde_json::to_string(&object).unwrap_or_default();
+    format!("{}\n", escape::json(&json))
 }
 
 /// The `methods` output for people: the device's state, then its catalog as a table,
 /// then the handler files that failed to load. The device must have a catalog.
 pub fn methods_table(device: &DeviceState, paint: Paint) -> String {
-    let mut out = format!("{}: ", paint.paint(style::HEADER, &device.device));
+    let mut out = format!(
+        "{}: ",
+        paint.paint(style::HEADER, &escape::text(&device.device))
+    );
     match &device.presence {
         Some(p) if p.online => {
             out.push_str(&paint.paint(style::GOOD, "online"));
             if let Some(since) = &p.since {
-                out.push_str(&format!(" since {since}"));
+                out.push_str(&format!(" since {}", escape::text(since)));
             }
         }
         Some(p) => {
             out.push_str(&paint.paint(style::WARN, "offline"));
             if let Some(reason) = &p.reason {
-                out.push_str(&format!(" ({reason})"));
+                out.push_str(&format!(" ({})", escape::text(reason)));
             }
         }
         None => out.push_str("presence unknown"),
     }
     if let Some(agent) = device.presence.as_ref().and_then(|p| p.agent.as_ref()) {
-        out.push_str(&format!(", {agent}"));
+        out.push_str(&format!(", {}", escape::text(agent)));
     }
     if !device.is_online() {
         out.push_str("; its catalog as last published");
@@ -142,9 +146,13 @@ pub fn methods_table(device: &DeviceState, paint: Paint) -> String {
         out.push('\n');
         for failure in failures {
             // An error may run over several lines (a parser's snippet): they stay
-            // indented under the file's name.
-            let error = failure.error.trim_end().replace('\n', "\n    ");
-            out.push_str(&format!("  {}: {error}\n", failure.handler));
+            // indented under the file's name, each escaped.
+            let lines: Vec<_> = failure.error.trim_end().lines().map(escape::text).collect();
+            out.push_str(&format!(
+                "  {}: {}\n",
+                escape::text(&failure.handler),
+                lines.join("\n    ")
+            ));
         }
         if failures_omitted > 0 {
             out.push_str(&omitted(failures_omitted, "failed handler files", paint));
@@ -198,7 +206,8 @@ pub fn methods_json(device: &DeviceState) -> String {
         methods_omitted: device.catalog.as_ref().map_or(0, |c| c.methods_omitted),
         failures_omitted: device.catalog.as_ref().map_or(0, |c| c.failures_omitted),
     };
-    format!("{}\n", serde_json::to_string(&object).unwrap_or_default())
+    let json = serde_json::to_string(&object).unwrap_or_default();
+    format!("{}\n", escape::json(&json))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::table::{Cell, Table};
-use super::{Paint, payload_text, style};
+use super::{Paint, escape, payload_text, style};
 use crate::broadcast::{DeviceResult, Outcome, Totals};
 use crate::call::CallError;
 
@@ -20,7 +20,7 @@ pub fn invoking(method: &str, devices: usize, payload: &str, paint: Paint) -> St
     }
     format!(
         "Invoking method '{}' on {} with payload: {payload}\n",
-        paint.paint(style::HEADER, method),
+        paint.paint(style::HEADER, &escape::text(method)),
         count(devices, "device", "devices"),
     )
 }
@@ -137,7 +137,8 @@ pub fn result_json(result: &DeviceResult) -> String {
                 message: error.to_string(),
                 elapsed_ms,
             };
-            format!("{}\n", serde_json::to_string(&object).unwrap_or_default())
+            let json = serde_json::to_string(&object).unwrap_or_default();
+            format!("{}\n", escape::json(&json))
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Columns for people: a header row and rows of cells, each column as wide as its
 //! widest cell, two spaces apart; the last column is not padded, so a long answer
-//! wraps instead of widening every line.
+//! wraps instead of widening every line. Every cell's text is escaped
+//! ([`escape::text`]): cells hold what devices supplied.
 
 use anstyle::Style;
 
-use super::{Paint, style};
+use super::{Paint, escape, style};
 
 /// One cell: its text and, on a terminal, its style.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,17 +16,17 @@ pub struct Cell {
 
 impl Cell {
     /// A cell without style.
-    pub fn plain(text: impl Into<String>) -> Self {
+    pub fn plain(text: impl AsRef<str>) -> Self {
         Self {
-            text: text.into(),
+            text: escape::text(text.as_ref()).into_owned(),
             style: None,
         }
     }
 
     /// A cell in `style`.
-    pub fn styled(text: impl Into<String>, style: Style) -> Self {
+    pub fn styled(text: impl AsRef<str>, style: Style) -> Self {
         Self {
-            text: text.into(),
+            text: escape::text(text.as_ref()).into_owned(),
             style: Some(style),
         }
     }
