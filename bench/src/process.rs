@@ -85,20 +85,10 @@ impl Process {
     /// # Errors
     /// When this binary cannot be found or started again.
     pub fn floor(broker: &BrokerUrl) -> anyhow::Result<Self> {
-        let binary = std::env::current_exe().context("finding the edge-bench binary")?;
-        let child = Command::new(&binary)
-            .arg("floor-responder")
-            .arg("--broker")
-            .arg(broker.to_string())
-            .args(["--device-id", DEVICE])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {} floor-responder", binary.display()))?;
-        Ok(Self {
-            child,
-            name: "floor-responder",
-        })
+        Self::this_binary(
+            "floor-responder",
+            &["--broker", &broker.to_string(), "--device-id", DEVICE],
+        )
     }
 
     /// Starts edge-host's embedded broker on its own (this binary, `embedded-broker`),
@@ -107,18 +97,22 @@ impl Process {
     /// # Errors
     /// When this binary cannot be found or started again.
     pub fn embedded_broker(listen: SocketAddr) -> anyhow::Result<Self> {
+        Self::this_binary("embedded-broker", &["--listen", &listen.to_string()])
+    }
+
+    /// Starts this binary again with its hidden `subcommand` and `args`.
+    fn this_binary(subcommand: &'static str, args: &[&str]) -> anyhow::Result<Self> {
         let binary = std::env::current_exe().context("finding the edge-bench binary")?;
         let child = Command::new(&binary)
-            .arg("embedded-broker")
-            .arg("--listen")
-            .arg(listen.to_string())
+            .arg(subcommand)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} embedded-broker", binary.display()))?;
+            .with_context(|| format!("starting {} {subcommand}", binary.display()))?;
         Ok(Self {
             child,
-            name: "embedded-broker",
+            name: subcommand,
         })
     }
 
