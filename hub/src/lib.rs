@@ -14,6 +14,8 @@
 //!   to and from the device's backend session, twins served from the registry.
 //! - [`service`]: the service API (axum): method calls through edge-invoker's
 //!   [`Caller`](edge_invoker::Caller), registry and twin routes, SAS with policies.
+//! - [`websocket`]: MQTT over WebSockets at `/$iothub/websocket` on the HTTPS listener,
+//!   unwrapped into an ordinary device connection.
 //! - [`query`]: the slice of IoT Hub's query language `POST /devices/query` takes.
 //! - [`error`]: IoT Hub's error bodies and codes (404103, 504101, ...).
 //! - [`backend`]: how the hub reaches the backend broker, the presence documents, and
@@ -35,6 +37,7 @@ pub mod pki;
 pub mod query;
 pub mod registry;
 pub mod service;
+pub mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -148,13 +151,13 @@ impl Hub {
         tasks.spawn(accept_devices(
             mqtts,
             mqtt_tls,
-            devices,
+            Arc::clone(&devices),
             shutdown_rx.clone(),
         ));
         tasks.spawn(accept_service(
             https,
             https_tls,
-            service::router(service),
+            websocket::router(Arc::clone(&devices)).merge(service::router(service)),
             shutdown_rx,
         ));
         info!(

@@ -132,6 +132,9 @@ pub enum RegistryError {
     Io(#[from] anyhow::Error),
 }
 
+/// A file's modification time, inode and length.
+type Stamp = (SystemTime, u64, u64);
+
 /// The registry, shared by the device endpoint, the service API and the CLI.
 /// Clones share one in-memory copy.
 #[derive(Clone)]
@@ -142,8 +145,9 @@ pub struct Registry {
 struct Inner {
     path: PathBuf,
     doc: Document,
-    /// The file's modification time when last read or written.
-    seen: Option<SystemTime>,
+    /// The file's identity when last read or written: every write renames a new file
+    /// into place, so its inode tells a change even within the clock's granularity.
+    seen: Option<Stamp>,
 }
 
 impl Registry {
@@ -271,7 +275,7 @@ impl Registry {
             }
             (Some(_), None) => Err(RegistryError::Exists(id.to_owned())),
             (Some(device), Some(etag)) => {
-                if etag != "*" && etag.trim_matches('"') != device.etag {
+                if !etag_matches(etag, &device.etag) {
                     return Err(RegistryError::EtagMismatch(id.to_owned()));
                 }
                 if let Some(key) = keys.0 {
@@ -301,8 +305,7 @@ impl Registry {
                 .get(id)
                 .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
             if let Some(etag) = if_match
-                && etag != "*"
-                && etag.trim_matches('"') != device.etag
+                && !etag_matches(etag, &device.etag)
             {
                 return Err(RegistryError::EtagMismatch(id.to_owned()));
             }
@@ -334,10 +337,13 @@ impl Registry {
 }
 
 impl Inner {
-    fn modified(&self) -> Option<SystemTime> {
-        std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok()
+    fn modified(&self) -> Option<Stamp> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some((meta.modified().ok()?, inode, meta.len()))
     }
 
     fn refresh(&mut self) -> anyhow::Result<()> {
@@ -426,6 +432,13 @@ fn checked_key(id: &str, key: String) -> Result<String, RegistryError> {
         Ok(bytes) if (16..=64).contains(&bytes.len()) => Ok(key),
         _ => Err(RegistryError::BadKey(id.to_owned())),
     }
+}
+
+/// Whether an `If-Match` value (`*` or an etag, quoted or not: the SDKs quote both)
+/// matches `etag`.
+fn etag_matches(if_match: &str, etag: &str) -> bool {
+    let given = if_match.trim().trim_matches('"');
+    given == "*" || given == etag
 }
 
 fn new_etag() -> String {
@@ -527,6 +540,9 @@ mod tests {
             registry.put_device("d1", (None, None), None, Some("\"wrong\"")),
             Err(RegistryError::EtagMismatch(_))
         ));
+        registry
+            .remove_device("d1", Some("\"*\""))
+            .expect("a quoted wildcard matches");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask run [HOST FLAGS]`: builds the example handlers and runs edge-host
 //!   with them on its embedded broker (device `my-device`, 127.0.0.1:1883).
-//! - `cargo xtask test [CARGO TEST ARGS]`: installs Mosquitto if it is missing (Debian),
+//! - `cargo xtask test [CARGO TEST ARGS]`: installs Mosquitto if it is missing (Debian)
+//!   and the Azure IoT SDKs for Python (a venv in `target/pyenv`, for edge-hub's tests),
 //!   then runs the whole test suite.
 //! - `cargo xtask handlers`: only builds the example handlers into `target/handlers/`.
 
@@ -124,6 +125,7 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
 /// Makes sure Mosquitto is there, then runs the test suite.
 fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_mosquitto()?;
+    ensure_python_sdks()?;
     let mut tests = cargo();
     tests.arg("test").args(args);
     check(tests.status().context("running cargo test")?, "the tests")
@@ -163,6 +165,54 @@ fn ensure_mosquitto() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()?,
         "apt-get install mosquitto",
+    )
+}
+
+/// The Azure IoT SDKs for Python that edge-hub's tests run as peers, pinned.
+const PYTHON_SDKS: &[&str] = &[
+    "azure-iot-device==2.14.0",
+    "azure-iot-hub==2.7.0",
+    // azure-iot-hub imports six without declaring it.
+    "six==1.17.0",
+];
+
+/// Makes a Python venv at target/pyenv with the Azure IoT SDKs, unless EDGE_PYTHON
+/// names an interpreter or the venv already has them.
+fn ensure_python_sdks() -> anyhow::Result<()> {
+    if std::env::var_os("EDGE_PYTHON").is_some() {
+        return Ok(());
+    }
+    let venv = root().join("target/pyenv");
+    let python = venv.join("bin/python");
+    let has_sdks = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import azure.iot.device, azure.iot.hub"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if has_sdks(&python) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the Azure IoT SDKs for Python into {}",
+        venv.display()
+    );
+    check(
+        Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .context("running python3 -m venv (edge-hub's tests need Python 3 with venv)")?,
+        "python3 -m venv",
+    )?;
+    check(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYTHON_SDKS)
+            .status()
+            .context("running pip")?,
+        "pip install of the Azure IoT SDKs",
     )
 }
 
