@@ -1,7 +1,7 @@
 //! The official Azure IoT SDKs for Python as peers, unchanged but for their connection
 //! strings and CA trust: azure-iot-device 2.14 (SSL_CERT_FILE) and azure-iot-hub 2.7
-//! (REQUESTS_CA_BUNDLE). The device SDK's port is fixed at 8883, so these tests bind
-//! the hub there, one test at a time. The interpreter is EDGE_PYTHON or
+//! (REQUESTS_CA_BUNDLE). The device SDK's ports are fixed, 8883 for MQTT and 443 for
+//! MQTT over WebSockets, so these tests bind the hub there, one test at a time. The interpreter is EDGE_PYTHON or
 //! target/pyenv (`cargo xtask test` installs it); without it these tests fail.
 
 #![allow(clippy::unwrap_used)]
@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-/// One hub on port 8883 at a time.
+/// One hub on the fixed ports (8883, 443) at a time.
 static PORT_8883: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn hub_on_8883() -> TestHub {
@@ -35,8 +35,14 @@ struct SdkDevice {
 impl SdkDevice {
     /// Starts the SDK device with `connection_string` and waits until it takes calls.
     async fn start(hub: &TestHub, connection_string: &str) -> Self {
+        Self::start_with(hub, connection_string, &[]).await
+    }
+
+    /// As [`SdkDevice::start`], with `args` for `device.py` (`--websockets`).
+    async fn start_with(hub: &TestHub, connection_string: &str, args: &[&str]) -> Self {
         let mut child = Command::new(python())
             .arg(script("device.py"))
+            .args(args)
             .env("EDGE_DEVICE_CONNECTION_STRING", connection_string)
             .env("SSL_CERT_FILE", hub.ca())
             .stdin(Stdio::piped())
@@ -311,5 +317,33 @@ async fn the_sdk_registry_calls_work() {
     assert_eq!(deleted, json!({"deleted":"reg-2"}));
     let gone = service(&hub, &["get", "reg-2"]).await;
     assert_service_error(&gone, 404_001);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_sdk_service_calls_an_sdk_device_over_mqtt_over_websockets() {
+    let _port = PORT_8883.lock().await;
+    // Devices over MQTT/TLS on a free port, not 8883: the SDK can only come in over 443.
+    let hub = TestHub::start_full(None, Some(loopback(443)), None, None)
+        .await
+        .expect("the hub starts on 127.0.0.1:443 (is another hub running there?)");
+    assert_ne!(hub.hub.mqtts_addr.port(), 8883);
+    let mut device =
+        SdkDevice::start_with(&hub, &hub.device_string("ws-device"), &["--websockets"]).await;
+    let answer = service(
+        &hub,
+        &["invoke", "ws-device", "overWebSockets", r#"{"b":true}"#],
+    )
+    .await;
+    assert_eq!(
+        answer,
+        json!({"status":200,"payload":{"method":"overWebSockets","payload":{"b":true}}})
+    );
+    device
+        .expect_line("CALL overWebSockets", Duration::from_secs(5))
+        .await;
+    device.stop().await;
+    let answer = service(&hub, &["invoke", "ws-device", "overWebSockets", "null"]).await;
+    assert_service_error(&answer, 404_103);
     hub.stop().await;
 }

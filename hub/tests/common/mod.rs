@@ -49,6 +49,17 @@ impl TestHub {
         broker: Option<BrokerUrl>,
         data_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::start_full(mqtts, None, broker, data_dir).await
+    }
+
+    /// As [`TestHub::start_with`], with the service API (and WebSockets) on `https`
+    /// (a free port if none).
+    pub async fn start_full(
+        mqtts: Option<SocketAddr>,
+        https: Option<SocketAddr>,
+        broker: Option<BrokerUrl>,
+        data_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         testkit::init_logging();
         let (mosquitto, broker) = match broker {
             Some(broker) => (None, broker),
@@ -63,7 +74,7 @@ impl TestHub {
             data_dir: data_dir.map_or_else(|| data.path().to_owned(), Path::to_owned),
             hostname: "localhost".into(),
             mqtts_listen: mqtts.unwrap_or(loopback(testkit::free_port()?)),
-            https_listen: loopback(testkit::free_port()?),
+            https_listen: https.unwrap_or(loopback(testkit::free_port()?)),
             broker: Some(broker),
             ..Config::default()
         };
