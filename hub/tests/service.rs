@@ -421,3 +421,78 @@ async fn the_registry_routes_create_read_query_and_delete_devices() {
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn two_hubs_sharing_a_registry_and_a_broker_serve_the_same_devices() {
+    let one = TestHub::start().await.unwrap();
+    let two = TestHub::start_with(None, Some(one.broker()), Some(&one.config.data_dir))
+        .await
+        .unwrap();
+    // Registered through the second hub's REST API, connected to the first.
+    let (status, created) = two
+        .rest(
+            "PUT",
+            "/devices/shared-1",
+            Some(&json!({"deviceId":"shared-1"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{created}");
+    let key = created["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut device = connect_device(&one, "shared-1", &key).await.unwrap();
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    testkit::presence(&one.broker(), "shared-1", true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Called through the second hub.
+    let rest = tokio::spawn({
+        let addr = two.hub.https_addr;
+        let ca = two.ca();
+        let token = two.service_token("service");
+        async move {
+            https(
+                addr,
+                &ca,
+                "POST",
+                "/twins/shared-1/methods",
+                Some(&token),
+                Some(&invoke("where", json!("two"))),
+                &[],
+            )
+            .await
+        }
+    });
+    let Packet::Publish(request) = device
+        .until(|p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    let rid = request.topic.split("$rid=").nth(1).unwrap();
+    device
+        .client
+        .publish(
+            format!("$iothub/methods/res/200/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            false,
+            br#""one""#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let _ = device.until(|p| matches!(p, Packet::PubAck(_))).await;
+    assert_eq!(
+        rest.await.unwrap().unwrap(),
+        (200, json!({"status":200,"payload":"one"}))
+    );
+    let (_, got) = two.rest("GET", "/devices/shared-1", None).await.unwrap();
+    assert_eq!(got["connectionState"], "Connected", "{got}");
+    // The same device connecting to the second hub takes over from the first.
+    let _second = connect_device(&two, "shared-1", &key).await.unwrap();
+    device.closed_within(Duration::from_secs(10)).await.unwrap();
+    two.stop().await;
+    one.stop().await;
+}
