@@ -16,6 +16,7 @@
 //!   [`Caller`](edge_invoker::Caller), registry and twin routes, SAS with policies.
 //! - [`websocket`]: MQTT over WebSockets at `/$iothub/websocket` on the HTTPS listener,
 //!   unwrapped into an ordinary device connection.
+//! - [`jobs`]: `scheduleDeviceMethod` jobs, run by the instance that took them.
 //! - [`query`]: the slice of IoT Hub's query language `POST /devices/query` takes.
 //! - [`error`]: IoT Hub's error bodies and codes (404103, 504101, ...).
 //! - [`backend`]: how the hub reaches the backend broker, the presence documents, and
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod jobs;
 pub mod pki;
 pub mod query;
 pub mod registry;
@@ -144,6 +146,7 @@ impl Hub {
             registry: registry.clone(),
             caller: caller.clone(),
             presence,
+            jobs: jobs::Jobs::default(),
         });
         let mqtts_addr = mqtts.local_addr()?;
         let https_addr = https.local_addr()?;

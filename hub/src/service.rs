@@ -9,6 +9,7 @@
 //! | `GET /devices/{id}`, `GET /devices` | RegistryRead | devices, with `connectionState` |
 //! | `DELETE /devices/{id}` | RegistryWrite | remove a device |
 //! | `POST /devices/query` | RegistryRead or ServiceConnect | `SELECT * FROM devices [WHERE ...]` |
+//! | `PUT /jobs/v2/{id}`, `GET ...`, `POST .../cancel` | ServiceConnect | jobs that call a method on many devices ([`crate::jobs`]) |
 //!
 //! A device is called when it is registered here or has a presence on the backend (an
 //! edge-host on the broker is called although it is not registered).
@@ -31,6 +32,7 @@ use serde_json::{Map, Value};
 use crate::backend::PresenceWatch;
 use crate::device::same_host;
 use crate::error::ApiError;
+use crate::jobs::Jobs;
 use crate::query;
 use crate::registry::{Device, Registry, RegistryError, Right};
 
@@ -47,6 +49,8 @@ pub struct Service {
     pub caller: Caller,
     /// Every device's presence on the backend.
     pub presence: PresenceWatch,
+    /// The jobs this instance runs.
+    pub jobs: Jobs,
 }
 
 /// The service API's routes.
@@ -60,6 +64,8 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         )
         .route("/devices", get(list_devices))
         .route("/devices/query", post(query_devices))
+        .route("/jobs/v2/:id", get(get_job).put(put_job))
+        .route("/jobs/v2/:id/cancel", post(cancel_job))
         .fallback(|| async { ApiError::new(404_000, "no such route in IoT Hub's service API") })
         .with_state(service)
 }
@@ -413,6 +419,51 @@ async fn query_devices(
         .headers_mut()
         .insert("x-ms-item-type", HeaderValue::from_static("twin"));
     Ok(response)
+}
+
+/// `PUT /jobs/v2/{id}`: a `scheduleDeviceMethod` job.
+async fn put_job(
+    State(service): State<Arc<Service>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    service.authorize(&headers, &[Right::ServiceConnect])?;
+    let body = read_json(body).await?;
+    let job = service.jobs.check(&id, &body)?;
+    let devices = service
+        .registry
+        .devices()
+        .map_err(|e| ApiError::server(format!("registry: {e:#}")))?
+        .iter()
+        .map(|(id, device)| (id.clone(), service.twin_json(id, device)))
+        .collect();
+    let started = service
+        .jobs
+        .start(&id, body, job, devices, service.caller.clone());
+    Ok(Json(started.to_json(&id)))
+}
+
+/// `GET /jobs/v2/{id}`.
+async fn get_job(
+    State(service): State<Arc<Service>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    service.authorize(&headers, &[Right::ServiceConnect, Right::RegistryRead])?;
+    Ok(Json(service.jobs.get(&id)?.to_json(&id)))
+}
+
+/// `POST /jobs/v2/{id}/cancel`.
+async fn cancel_job(
+    State(service): State<Arc<Service>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    service.authorize(&headers, &[Right::ServiceConnect])?;
+    let job = service.jobs.get(&id)?;
+    job.cancel();
+    Ok(Json(job.to_json(&id)))
 }
 
 fn registry_error(error: RegistryError) -> ApiError {

@@ -347,3 +347,43 @@ async fn the_sdk_service_calls_an_sdk_device_over_mqtt_over_websockets() {
     assert_service_error(&answer, 404_103);
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn the_sdk_job_manager_runs_a_method_job_over_matching_devices() {
+    let _port = PORT_8883.lock().await;
+    let hub = hub_on_8883().await;
+    let mut device = SdkDevice::start(&hub, &hub.device_string("job-1")).await;
+    hub.add_device("job-2"); // registered, never connected: its call fails
+    hub.add_device("job-3"); // not in the condition: not called
+    let created = service(
+        &hub,
+        &[
+            "job-create",
+            "reboot-all",
+            "reboot",
+            r#"{"delay":1}"#,
+            "deviceId = 'job-1' OR deviceId = 'job-2'",
+        ],
+    )
+    .await;
+    assert_eq!(created["deviceCount"], 2, "{created}");
+    let mut last = created;
+    for _ in 0..60 {
+        if last["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = service(&hub, &["job-get", "reboot-all"]).await;
+    }
+    assert_eq!(
+        last,
+        json!({"jobId":"reboot-all","status":"completed","deviceCount":2,"succeededCount":1,"failedCount":1})
+    );
+    device
+        .expect_line("CALL reboot", Duration::from_secs(5))
+        .await;
+    let missing = service(&hub, &["job-get", "nope"]).await;
+    assert_eq!(missing["httpStatus"], 404, "{missing}");
+    device.stop().await;
+    hub.stop().await;
+}

@@ -496,3 +496,58 @@ async fn two_hubs_sharing_a_registry_and_a_broker_serve_the_same_devices() {
     two.stop().await;
     one.stop().await;
 }
+
+#[tokio::test]
+async fn jobs_are_checked_scheduled_and_cancelled() {
+    let hub = TestHub::start().await.unwrap();
+    hub.add_device("j1");
+    let job = |id: &str, kind: &str| {
+        json!({
+            "jobId": id,
+            "type": kind,
+            "cloudToDeviceMethod": {"methodName": "m", "payload": null, "responseTimeoutInSeconds": 5},
+            "queryCondition": "deviceId = 'j1'",
+            "startTime": "2099-01-01T00:00:00.000Z",
+            "maxExecutionTimeInSeconds": 60,
+        })
+    };
+    let answer = hub
+        .rest(
+            "PUT",
+            "/jobs/v2/later",
+            Some(&job("later", "scheduleDeviceMethod")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.0, 200, "{answer:?}");
+    assert_eq!(answer.1["status"], "scheduled");
+    assert_eq!(answer.1["deviceJobStatistics"]["pendingCount"], 1);
+    let again = hub
+        .rest(
+            "PUT",
+            "/jobs/v2/later",
+            Some(&job("later", "scheduleDeviceMethod")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.0, 409, "{again:?}");
+    let (status, cancelled) = hub
+        .rest("POST", "/jobs/v2/later/cancel", None)
+        .await
+        .unwrap();
+    assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")));
+    let (_, got) = hub.rest("GET", "/jobs/v2/later", None).await.unwrap();
+    assert_eq!(got["status"], "cancelled");
+    let long = "x".repeat(65);
+    for (id, body) in [
+        ("twin", job("twin", "scheduleUpdateTwin")),
+        (long.as_str(), job(&long, "scheduleDeviceMethod")),
+    ] {
+        let answer = hub
+            .rest("PUT", &format!("/jobs/v2/{id}"), Some(&body))
+            .await
+            .unwrap();
+        assert_error(&answer, 400_004);
+    }
+    hub.stop().await;
+}

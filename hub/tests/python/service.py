@@ -5,6 +5,7 @@ Usage:
   service.py invoke DEVICE METHOD PAYLOAD_JSON [RESPONSE_TIMEOUT [CONNECT_TIMEOUT]]
   service.py create DEVICE | get DEVICE | twin DEVICE | delete DEVICE | list
   service.py query QUERY
+  service.py job-create JOB METHOD PAYLOAD_JSON QUERY_CONDITION | job-get JOB | job-cancel JOB
 The service connection string comes from EDGE_SERVICE_CONNECTION_STRING. Prints one
 JSON line: what the SDK returned, or {"httpStatus": N, "error": <body>} when the SDK
 raised an HTTP error.
@@ -13,8 +14,10 @@ import json
 import os
 import sys
 
-from azure.iot.hub import IoTHubRegistryManager
-from azure.iot.hub.models import CloudToDeviceMethod, QuerySpecification
+import datetime
+
+from azure.iot.hub import IoTHubJobManager, IoTHubRegistryManager
+from azure.iot.hub.models import CloudToDeviceMethod, JobRequest, QuerySpecification
 from msrest.exceptions import HttpOperationError
 
 
@@ -59,6 +62,36 @@ def run(manager, command, args):
             {"deviceId": t.device_id, "connectionState": t.connection_state}
             for t in result.items
         ]
+    if command.startswith("job-"):
+        jobs = IoTHubJobManager.from_connection_string(
+            os.environ["EDGE_SERVICE_CONNECTION_STRING"]
+        )
+        if command == "job-create":
+            request = JobRequest(
+                job_id=args[0],
+                type="scheduleDeviceMethod",
+                cloud_to_device_method=CloudToDeviceMethod(
+                    method_name=args[1],
+                    payload=json.loads(args[2]),
+                    response_timeout_in_seconds=5,
+                ),
+                query_condition=args[3],
+                start_time=datetime.datetime.now(datetime.timezone.utc),
+                max_execution_time_in_seconds=60,
+            )
+            job = jobs.create_scheduled_job(args[0], request)
+        elif command == "job-get":
+            job = jobs.get_scheduled_job(args[0])
+        else:
+            job = jobs.cancel_scheduled_job(args[0])
+        stats = job.device_job_statistics
+        return {
+            "jobId": job.job_id,
+            "status": job.status,
+            "deviceCount": stats.device_count,
+            "succeededCount": stats.succeeded_count,
+            "failedCount": stats.failed_count,
+        }
     raise SystemExit(f"unknown command {command}")
 
 
