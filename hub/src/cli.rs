@@ -106,6 +106,10 @@ pub enum DeviceCommand {
     Add {
         /// The device id.
         id: String,
+        /// A self-signed client certificate's thumbprint (SHA-256 or SHA-1, hex) the
+        /// device may connect with instead of a SAS token; twice for a second one.
+        #[arg(long = "x509-thumbprint", value_name = "HEX")]
+        x509_thumbprints: Vec<String>,
     },
     /// Lists the registered devices.
     List,
@@ -151,8 +155,17 @@ impl Cli {
 pub fn execute(config: &Config, command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
     let registry = Registry::open(&config.data_dir)?;
     match command {
-        Command::Device(DeviceCommand::Add { id }) => {
+        Command::Device(DeviceCommand::Add {
+            id,
+            x509_thumbprints,
+        }) => {
             registry.add_device(id, (None, None), None)?;
+            if !x509_thumbprints.is_empty()
+                && let Err(e) = registry.set_thumbprints(id, x509_thumbprints.clone())
+            {
+                registry.remove_device(id, None)?;
+                return Err(e.into());
+            }
             writeln!(
                 out,
                 "Registered device '{id}' in {}.",
@@ -195,12 +208,17 @@ fn device_string(config: &Config, registry: &Registry, id: &str) -> anyhow::Resu
     let device = registry
         .device(id)?
         .with_context(|| format!("device '{id}' is not registered"))?;
+    let auth = if device.x509_thumbprints.is_empty() {
+        DeviceAuth::SharedAccessKey(device.primary_key)
+    } else {
+        DeviceAuth::X509
+    };
     Ok(ConnectionString::Device(DeviceConnectionString {
         host_name: config.hostname.clone(),
         device_id: id.to_owned(),
         module_id: None,
         gateway_host_name: None,
-        auth: DeviceAuth::SharedAccessKey(device.primary_key),
+        auth,
     })
     .to_string())
 }
@@ -237,6 +255,33 @@ mod tests {
         assert_eq!(list, "pump-7\tenabled\n");
         let error = run(dir.path(), &["device", "add", "pump-7"]).expect_err("twice");
         assert!(error.to_string().contains("already registered"), "{error}");
+        let x509 = run(
+            dir.path(),
+            &[
+                "device",
+                "add",
+                "cam-1",
+                "--x509-thumbprint",
+                &"AB".repeat(32),
+            ],
+        )
+        .expect("adds");
+        assert!(
+            x509.ends_with("HostName=localhost;DeviceId=cam-1;x509=true\n"),
+            "{x509}"
+        );
+        let error = run(
+            dir.path(),
+            &["device", "add", "cam-2", "--x509-thumbprint", "xyz"],
+        )
+        .expect_err("a bad thumbprint");
+        assert!(error.to_string().contains("hex digits"), "{error}");
+        let list = run(dir.path(), &["device", "list"]).expect("lists");
+        assert!(list.contains("cam-1"), "{list}");
+        assert!(
+            !list.contains("cam-2"),
+            "a refused device is not left behind: {list}"
+        );
         run(dir.path(), &["device", "remove", "pump-7"]).expect("removes");
         let error = run(dir.path(), &["device", "remove", "pump-7"]).expect_err("gone");
         assert!(error.to_string().contains("not registered"), "{error}");

@@ -180,8 +180,9 @@ impl End {
     }
 }
 
-/// Serves one device connection (TLS already done) until it ends.
-pub async fn serve<S>(stream: S, devices: Arc<Devices>, peer: String)
+/// Serves one device connection (TLS already done, `certificate` the client's leaf
+/// certificate if it presented one) until it ends.
+pub async fn serve<S>(stream: S, devices: Arc<Devices>, peer: String, certificate: Option<Vec<u8>>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -208,7 +209,7 @@ where
             return conn.close().await;
         }
     };
-    let auth = match authenticate(&devices, &connect) {
+    let auth = match authenticate(&devices, &connect, certificate.as_deref()) {
         Ok(auth) => auth,
         Err((code, why)) => {
             warn!(%peer, client_id = %connect.client_id, %why, ?code, "device refused");
@@ -288,10 +289,12 @@ struct Authenticated {
 
 /// Checks CONNECT as IoT Hub does: client id = a registered, enabled device; username
 /// `{hub}/{id}/?...`; password a SAS token for `{hub}/devices/{id}` signed with one of
-/// its keys, not expired.
+/// its keys, not expired; or no password and a client certificate whose thumbprint
+/// (SHA-256 or SHA-1) the device has registered.
 fn authenticate(
     devices: &Devices,
     connect: &mqttbytes::v4::Connect,
+    certificate: Option<&[u8]>,
 ) -> Result<Authenticated, (ConnectReturnCode, String)> {
     use ConnectReturnCode::{BadClientId, BadUserNamePassword, NotAuthorized, ServiceUnavailable};
     let id = connect.client_id.as_str();
@@ -322,6 +325,41 @@ fn authenticate(
                 devices.hostname
             ),
         ));
+    }
+    if login.password.is_empty() {
+        let certificate = certificate.ok_or((
+            BadUserNamePassword,
+            "no password (SAS token) and no client certificate".to_owned(),
+        ))?;
+        let device = devices
+            .registry
+            .device(id)
+            .map_err(|e| (ServiceUnavailable, format!("registry: {e:#}")))?
+            .ok_or((NotAuthorized, "device is not registered".to_owned()))?;
+        if device.status != "enabled" {
+            return Err((NotAuthorized, "device is disabled".to_owned()));
+        }
+        let presented = crate::pki::thumbprints(certificate);
+        let known = device.x509_thumbprints.iter().any(|registered| {
+            presented
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(registered.trim()))
+        });
+        if !known {
+            return Err((
+                NotAuthorized,
+                format!(
+                    "the client certificate (SHA-256 {}) is not registered for this device",
+                    presented[0]
+                ),
+            ));
+        }
+        return Ok(Authenticated {
+            device_id: id.to_owned(),
+            namespace,
+            // A certificate does not expire the session the way a token does.
+            expiry: u64::MAX / 2,
+        });
     }
     let token = SasToken::parse(&login.password)
         .map_err(|e| (BadUserNamePassword, format!("password: {e}")))?;

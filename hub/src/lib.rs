@@ -98,8 +98,8 @@ impl Hub {
             },
             _ => anyhow::bail!("--cert-file and --key-file go together"),
         };
-        let mqtt_tls = TlsAcceptor::from(pki::server_config(&identity, &[])?);
-        let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"])?);
+        let mqtt_tls = TlsAcceptor::from(pki::server_config(&identity, &[], true)?);
+        let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"], false)?);
         let broker = match &config.broker {
             Some(url) => url.clone(),
             None => broker::start(config.listen)?,
@@ -240,7 +240,15 @@ async fn accept_devices(
                 let devices = Arc::clone(&devices);
                 connections.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_WAIT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => device::serve(stream, devices, peer.to_string()).await,
+                        Ok(Ok(stream)) => {
+                            let certificate = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|leaf| leaf.to_vec());
+                            device::serve(stream, devices, peer.to_string(), certificate).await;
+                        }
                         Ok(Err(e)) => debug!(%peer, error = %e, "device TLS handshake failed"),
                         Err(_) => debug!(%peer, "device TLS handshake timed out"),
                     }

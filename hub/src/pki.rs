@@ -131,11 +131,90 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-/// The rustls server configuration for `identity`, offering `alpn` protocols.
+/// Asks every client for a certificate and requires none: a device may authenticate
+/// with a SAS token instead. Any certificate is taken at the TLS layer (its handshake
+/// signature is checked, proving the client holds its key); the device endpoint then
+/// compares its thumbprint with the registry's (IoT Hub's self-signed X.509 devices).
+#[derive(Debug)]
+struct AnyClientCertificate {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The SHA-256 and SHA-1 thumbprints of a certificate (DER), upper-case hex, as IoT
+/// Hub shows them.
+pub fn thumbprints(der: &[u8]) -> [String; 2] {
+    let hex = |digest: ring::digest::Digest| {
+        digest
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>()
+    };
+    [
+        hex(ring::digest::digest(&ring::digest::SHA256, der)),
+        hex(ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            der,
+        )),
+    ]
+}
+
+/// The rustls server configuration for `identity`, offering `alpn` protocols; with
+/// `client_certificates`, clients may present a certificate (see
+/// [`AnyClientCertificate`]).
 ///
 /// # Errors
 /// When the files cannot be made or read, or hold no certificate or key.
-pub fn server_config(identity: &Identity, alpn: &[&[u8]]) -> anyhow::Result<Arc<ServerConfig>> {
+pub fn server_config(
+    identity: &Identity,
+    alpn: &[&[u8]],
+    client_certificates: bool,
+) -> anyhow::Result<Arc<ServerConfig>> {
     let (cert_path, key_path) = match identity {
         Identity::Local { dir, names } => ensure_local(dir, names)?,
         Identity::Files { cert, key } => (cert.clone(), key.clone()),
@@ -143,18 +222,22 @@ pub fn server_config(identity: &Identity, alpn: &[&[u8]]) -> anyhow::Result<Arc<
     let certs = read_certs(&cert_path)?;
     let key = read_key(&key_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let algorithms = provider.signature_verification_algorithms;
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "{} and {} are not a certificate and its key",
-                cert_path.display(),
-                key_path.display()
-            )
-        })?;
+        .context("TLS protocol versions")?;
+    let builder = if client_certificates {
+        builder.with_client_cert_verifier(Arc::new(AnyClientCertificate { algorithms }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(certs, key).with_context(|| {
+        format!(
+            "{} and {} are not a certificate and its key",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -227,6 +310,7 @@ mod tests {
                 names,
             },
             &[],
+            true,
         )
         .expect("loads");
     }

@@ -65,6 +65,10 @@ pub struct Device {
     /// The device twin's properties.
     #[serde(default)]
     pub twin: Twin,
+    /// Thumbprints (SHA-256 or SHA-1, hex) of the self-signed client certificates the
+    /// device may connect with instead of a SAS token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub x509_thumbprints: Vec<String>,
 }
 
 /// A device twin's two property sets, each versioned.
@@ -127,6 +131,9 @@ pub enum RegistryError {
     /// A key is not base64.
     #[error("device '{0}': a key is not base64")]
     BadKey(String),
+    /// A certificate thumbprint is not 40 or 64 hex digits (SHA-1 or SHA-256).
+    #[error("thumbprint '{0}' is not 40 or 64 hex digits (SHA-1 or SHA-256)")]
+    BadThumbprint(String),
     /// Reading or writing the file failed.
     #[error(transparent)]
     Io(#[from] anyhow::Error),
@@ -314,6 +321,29 @@ impl Registry {
         })
     }
 
+    /// Sets the thumbprints of the certificates `id` may connect with.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::BadThumbprint`], or a failure to
+    /// write.
+    pub fn set_thumbprints(&self, id: &str, thumbprints: Vec<String>) -> Result<(), RegistryError> {
+        for thumbprint in &thumbprints {
+            let hex = thumbprint.trim();
+            if !matches!(hex.len(), 40 | 64) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(RegistryError::BadThumbprint(thumbprint.clone()));
+            }
+        }
+        self.change(|doc| {
+            let device = doc
+                .devices
+                .get_mut(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            device.x509_thumbprints = thumbprints;
+            device.etag = new_etag();
+            Ok(())
+        })
+    }
+
     /// Applies a JSON merge patch (RFC 7386: `null` deletes) to a device's reported
     /// properties and returns their new version.
     ///
@@ -423,6 +453,7 @@ fn new_device(
             reported_version: 1,
             ..Twin::default()
         },
+        x509_thumbprints: Vec::new(),
     })
 }
 

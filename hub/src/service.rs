@@ -149,8 +149,11 @@ impl Service {
                     "primaryKey": device.primary_key,
                     "secondaryKey": device.secondary_key,
                 },
-                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
-                "type": "sas",
+                "x509Thumbprint": {
+                    "primaryThumbprint": device.x509_thumbprints.first(),
+                    "secondaryThumbprint": device.x509_thumbprints.get(1),
+                },
+                "type": if device.x509_thumbprints.is_empty() { "sas" } else { "selfSigned" },
             },
             "capabilities": {"iotEdge": false},
         })
@@ -321,14 +324,21 @@ async fn put_device(
         )));
     }
     let auth = &body["authentication"];
-    match auth["type"].as_str() {
-        None | Some("sas") => {}
+    let thumbprints: Option<Vec<String>> = match auth["type"].as_str() {
+        None | Some("sas") => None,
+        Some("selfSigned") => Some(
+            ["primaryThumbprint", "secondaryThumbprint"]
+                .iter()
+                .filter_map(|name| auth["x509Thumbprint"][name].as_str())
+                .map(str::to_owned)
+                .collect(),
+        ),
         Some(other) => {
             return Err(ApiError::argument(format!(
-                "authentication type '{other}' is not supported by edge-hub (only sas)"
+                "authentication type '{other}' is not supported by edge-hub (sas or selfSigned)"
             )));
         }
-    }
+    };
     let key = |name: &str| auth["symmetricKey"][name].as_str().map(str::to_owned);
     let status = match body["status"].as_str() {
         None => None,
@@ -349,6 +359,18 @@ async fn put_device(
             if_match,
         )
         .map_err(registry_error)?;
+    let device = match thumbprints {
+        Some(thumbprints) => {
+            service
+                .registry
+                .set_thumbprints(&id, thumbprints)
+                .map_err(registry_error)?;
+            service
+                .device(&id)?
+                .ok_or_else(|| ApiError::device_not_found(&id))?
+        }
+        None => device,
+    };
     Ok(Json(service.device_json(&id, &device)))
 }
 
@@ -468,9 +490,9 @@ async fn cancel_job(
 
 fn registry_error(error: RegistryError) -> ApiError {
     match error {
-        RegistryError::InvalidId { .. } | RegistryError::BadKey(_) => {
-            ApiError::argument(error.to_string())
-        }
+        RegistryError::InvalidId { .. }
+        | RegistryError::BadKey(_)
+        | RegistryError::BadThumbprint(_) => ApiError::argument(error.to_string()),
         RegistryError::NotFound(id) => ApiError::device_not_found(&id),
         RegistryError::Exists(id) => ApiError::exists(&id),
         RegistryError::EtagMismatch(_) => ApiError::precondition(error.to_string()),

@@ -111,7 +111,12 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (pipe, device_end) = tokio::io::duplex(256 * 1024);
-    let session = tokio::spawn(device::serve(device_end, devices, "websocket".to_owned()));
+    let session = tokio::spawn(device::serve(
+        device_end,
+        devices,
+        "websocket".to_owned(),
+        None,
+    ));
     let (mut ws_read, mut ws_write) = tokio::io::split(ws);
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (out, mut outgoing) = mpsc::channel::<Out>(64);

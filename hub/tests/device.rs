@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Attempt, TestHub, connect_device, connect_raw, username};
+use common::{Attempt, TestHub, connect_device, connect_raw, connect_raw_with, username};
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use rumqttc::{ConnectReturnCode, Packet, QoS};
 
@@ -349,5 +349,73 @@ async fn telemetry_reaches_the_backend_under_the_devices_topic() {
         "devices/d1/messages/events/%24.ct=application%2Fjson"
     );
     assert_eq!(payload, br#"{"t":21.5}"#);
+    hub.stop().await;
+}
+
+/// A self-signed certificate for `cn`: (certificate PEM, key PEM, DER).
+fn self_signed(cn: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![cn.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+        cert.der().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn a_device_with_a_registered_certificate_connects_without_a_token() {
+    let hub = TestHub::start().await.unwrap();
+    let (cert, key, der) = self_signed("x1");
+    hub.add_device("x1");
+    let [sha256, _] = edge_hub::pki::thumbprints(&der);
+    hub.hub
+        .registry
+        .set_thumbprints("x1", vec![sha256.to_ascii_lowercase()])
+        .unwrap();
+    let Attempt::Connected(mut device) = connect_raw_with(
+        &hub,
+        "x1",
+        &username("x1"),
+        "",
+        Some((cert.clone(), key.clone())),
+    )
+    .await
+    else {
+        panic!("the registered certificate connects");
+    };
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let caller = caller(&hub).await;
+    let call = tokio::spawn(async move { caller.call(&CallRequest::new("x1", "ping", "2")).await });
+    answer_one(&mut device).await;
+    assert_eq!(call.await.unwrap().unwrap().status, 200);
+
+    let (other_cert, other_key, _) = self_signed("x1");
+    for (what, client_auth, code) in [
+        (
+            "an unregistered certificate",
+            Some((other_cert, other_key)),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "neither token nor certificate",
+            None,
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+    ] {
+        match connect_raw_with(&hub, "x1", &username("x1"), "", client_auth).await {
+            Attempt::Refused(got) => assert_eq!(got, code, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // The certificate is the device's, not any device's.
+    hub.add_device("x2");
+    match connect_raw_with(&hub, "x2", &username("x2"), "", Some((cert, key))).await {
+        Attempt::Refused(got) => assert_eq!(got, ConnectReturnCode::NotAuthorized),
+        other => panic!("another device with x1's certificate: {other:?}"),
+    }
     hub.stop().await;
 }

@@ -40,9 +40,20 @@ impl SdkDevice {
 
     /// As [`SdkDevice::start`], with `args` for `device.py` (`--websockets`).
     async fn start_with(hub: &TestHub, connection_string: &str, args: &[&str]) -> Self {
+        Self::start_env(hub, connection_string, args, &[]).await
+    }
+
+    /// As [`SdkDevice::start_with`], with more environment for `device.py`.
+    async fn start_env(
+        hub: &TestHub,
+        connection_string: &str,
+        args: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> Self {
         let mut child = Command::new(python())
             .arg(script("device.py"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("EDGE_DEVICE_CONNECTION_STRING", connection_string)
             .env("SSL_CERT_FILE", hub.ca())
             .stdin(Stdio::piped())
@@ -384,6 +395,44 @@ async fn the_sdk_job_manager_runs_a_method_job_over_matching_devices() {
         .await;
     let missing = service(&hub, &["job-get", "nope"]).await;
     assert_eq!(missing["httpStatus"], 404, "{missing}");
+    device.stop().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_sdk_device_connects_with_a_self_signed_certificate() {
+    let _port = PORT_8883.lock().await;
+    let hub = hub_on_8883().await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["x509-device".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    hub.add_device("x509-device");
+    let [sha256, _] = edge_hub::pki::thumbprints(cert.der());
+    hub.hub
+        .registry
+        .set_thumbprints("x509-device", vec![sha256])
+        .unwrap();
+    let device = SdkDevice::start_env(
+        &hub,
+        "HostName=localhost;DeviceId=x509-device;x509=true",
+        &[],
+        &[
+            ("EDGE_DEVICE_CERT_FILE", &cert_file),
+            ("EDGE_DEVICE_KEY_FILE", &key_file),
+        ],
+    )
+    .await;
+    let answer = service(&hub, &["invoke", "x509-device", "hello", "1"]).await;
+    assert_eq!(
+        answer,
+        json!({"status":200,"payload":{"method":"hello","payload":1}})
+    );
     device.stop().await;
     hub.stop().await;
 }

@@ -296,6 +296,17 @@ pub async fn connect_raw(
     username: &str,
     password: &str,
 ) -> Attempt {
+    connect_raw_with(hub, client_id, username, password, None).await
+}
+
+/// As [`connect_raw`], presenting `client_auth` (certificate and key, PEM) if given.
+pub async fn connect_raw_with(
+    hub: &TestHub,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    client_auth: Option<(Vec<u8>, Vec<u8>)>,
+) -> Attempt {
     let mut options = MqttOptions::new(client_id, "localhost", hub.hub.mqtts_addr.port());
     options
         .set_credentials(username, password)
@@ -305,7 +316,7 @@ pub async fn connect_raw(
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
         ca,
         alpn: None,
-        client_auth: None,
+        client_auth,
     }));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let first = tokio::time::timeout(Duration::from_secs(10), async {

@@ -2,7 +2,9 @@
 for its connection string and its CA trust (SSL_CERT_FILE): it answers direct methods.
 
 Usage: device.py [--websockets]
-The connection string comes from EDGE_DEVICE_CONNECTION_STRING. The device connects,
+The connection string comes from EDGE_DEVICE_CONNECTION_STRING; with x509=true in it,
+the client certificate and key come from EDGE_DEVICE_CERT_FILE and EDGE_DEVICE_KEY_FILE.
+The device connects,
 reads its twin, reports a property, starts answering methods and prints READY; it
 prints one line per call (CALL <method> <payload>) and stops when stdin closes.
 
@@ -13,14 +15,28 @@ import json
 import os
 import sys
 
-from azure.iot.device import IoTHubDeviceClient, MethodResponse
+from azure.iot.device import X509, IoTHubDeviceClient, MethodResponse
 
 
 def main():
-    client = IoTHubDeviceClient.create_from_connection_string(
-        os.environ["EDGE_DEVICE_CONNECTION_STRING"],
-        websockets="--websockets" in sys.argv,
-    )
+    connection_string = os.environ["EDGE_DEVICE_CONNECTION_STRING"]
+    websockets = "--websockets" in sys.argv
+    if "EDGE_DEVICE_CERT_FILE" in os.environ:
+        # The SDK's X.509 path takes the hub and the device id, not a connection string.
+        fields = dict(part.split("=", 1) for part in connection_string.split(";") if part)
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=X509(
+                cert_file=os.environ["EDGE_DEVICE_CERT_FILE"],
+                key_file=os.environ["EDGE_DEVICE_KEY_FILE"],
+            ),
+            hostname=fields["HostName"],
+            device_id=fields["DeviceId"],
+            websockets=websockets,
+        )
+    else:
+        client = IoTHubDeviceClient.create_from_connection_string(
+            connection_string, websockets=websockets
+        )
 
     def on_method(request):
         print(f"CALL {request.name} {json.dumps(request.payload)}", flush=True)
