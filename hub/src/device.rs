@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use edge_proto::iothub::{SasError, SasToken, unix_now};
 use edge_proto::topic::{check_device_id, check_request_id};
-use edge_proto::{Namespace, Presence};
+use edge_proto::Namespace;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -94,11 +94,6 @@ impl Devices {
             connected: Mutex::default(),
             shutdown,
         })
-    }
-
-    /// How many devices are connected to this instance now.
-    pub fn connected_count(&self) -> usize {
-        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connected>> {
@@ -844,12 +839,6 @@ fn property<'a>(properties: &'a str, name: &str) -> Option<&'a str> {
         .split('&')
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
         .filter(|v| !v.is_empty())
-}
-
-/// Whether `presence` says the device takes calls (for the registry's
-/// `connectionState`).
-pub fn is_connected(presence: Option<&Presence>) -> bool {
-    presence.is_some_and(|p| p.online)
 }
 
 #[cfg(test)]

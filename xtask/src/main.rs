@@ -6,6 +6,8 @@
 //!   and the Azure IoT SDKs for Python (a venv in `target/pyenv`, for edge-hub's tests),
 //!   then runs the whole test suite.
 //! - `cargo xtask handlers`: only builds the example handlers into `target/handlers/`.
+//! - `cargo xtask hub [HUB FLAGS]`: runs edge-hub (a local IoT Hub) with an edge-host
+//!   serving the example handlers as `my-device` on the hub's embedded broker.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -22,13 +24,16 @@ tasks:
   run [FLAGS]     build the example handlers and run edge-host with them on its
                   embedded broker; FLAGS go to edge-host (see --help there)
   test [ARGS]     install Mosquitto if missing, then run every test; ARGS go to cargo test
-  handlers        build the example handlers into target/handlers/";
+  handlers        build the example handlers into target/handlers/
+  hub [FLAGS]     run edge-hub (a local IoT Hub) with edge-host my-device behind it on
+                  the hub's embedded broker; FLAGS go to edge-hub (see --help there)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("hub") => hub(&args[1..]),
         Some("handlers") => build_handlers().map(|dir| println!("handlers in {}", dir.display())),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -120,6 +125,57 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
     host.args(flags);
     // exec: Ctrl-C then reaches the host alone, which shuts down cleanly.
     Err(host.exec()).context("running edge-host")
+}
+
+/// Builds the handlers, edge-hub and edge-host; runs edge-hub (devices on 8883, the
+/// service API on 127.0.0.1:8443, the embedded broker on 127.0.0.1:1883) and edge-host
+/// `my-device` on that broker, until both stop (Ctrl-C stops both).
+fn hub(flags: &[String]) -> anyhow::Result<()> {
+    let handlers = build_handlers()?;
+    check(
+        cargo()
+            .args(["build", "-p", "edge-hub", "-p", "edge-host"])
+            .status()
+            .context("running cargo build")?,
+        "building edge-hub and edge-host",
+    )?;
+    let bin = root().join("target/debug");
+    let mut hub = Command::new(bin.join("edge-hub"))
+        .args(flags)
+        .spawn()
+        .context("running edge-hub")?;
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 1883));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(broker).is_err() {
+        if std::time::Instant::now() > deadline || hub.try_wait()?.is_some() {
+            let _ = hub.kill();
+            bail!("edge-hub did not start its broker on {broker}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut host = Command::new(bin.join("edge-host"))
+        .args([
+            "--device-id",
+            "my-device",
+            "--broker",
+            "mqtt://127.0.0.1:1883",
+            "--handlers",
+        ])
+        .arg(&handlers)
+        .spawn()
+        .context("running edge-host")?;
+    let service = Command::new(bin.join("edge-hub"))
+        .args(flags)
+        .arg("connection-string")
+        .output()
+        .context("running edge-hub connection-string")?;
+    eprintln!(
+        "xtask: edge-hub runs, with edge-host my-device behind it. The service connection string:\n{}",
+        String::from_utf8_lossy(&service.stdout).trim()
+    );
+    let hub_status = hub.wait()?;
+    let _ = host.wait();
+    check(hub_status, "edge-hub")
 }
 
 /// Makes sure Mosquitto is there, then runs the test suite.
