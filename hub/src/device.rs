@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use edge_proto::Namespace;
 use edge_proto::iothub::{SasError, SasToken, unix_now};
 use edge_proto::topic::{check_device_id, check_request_id};
-use edge_proto::Namespace;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };

@@ -4,8 +4,8 @@
 //! that the difference is the hub's own cost. Figures: latency with 1 call in flight
 //! (p50, p99) and calls per second with 64 in flight, each the median of the rounds'.
 //!
-//! `cargo run --release -p edge-hub --example bench [-- --calls N --seconds S --rounds R]`
-//! (needs Mosquitto, as the tests do). DESIGN.md's targets for the hub: p50 ≤ 1.5x the
+//! `cargo run --release -p edge-hub --features bench --bin edge-hub-bench [-- --calls N
+//! --seconds S --rounds R]` (needs Mosquitto, as the tests do). DESIGN.md's targets for the hub: p50 ≤ 1.5x the
 //! direct path's, throughput ≥ 0.6x.
 
 #![allow(clippy::unwrap_used, missing_docs)]
