@@ -9,6 +9,8 @@
 //! - [`transport`]: TLS and credentials, applied to the MQTT client's options.
 //! - [`status`]: the statuses and error bodies the host answers with itself, and the
 //!   service-side error codes a caller sees (404103, 504101, 400004).
+//! - [`iothub`]: Azure IoT Hub's own dialect: connection strings, and SAS tokens
+//!   signed and verified.
 //! - [`message`]: the retained presence and method-catalog documents, and the payload
 //!   rules (size, JSON).
 //!
@@ -16,6 +18,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod iothub;
 pub mod message;
 pub mod status;
 pub mod topic;

@@ -2,13 +2,16 @@
 //!
 //! - `cargo xtask run [HOST FLAGS]`: builds the example handlers and runs edge-host
 //!   with them on its embedded broker (device `my-device`, 127.0.0.1:1883).
-//! - `cargo xtask test [CARGO TEST ARGS]`: installs Mosquitto if it is missing (Debian),
+//! - `cargo xtask test [CARGO TEST ARGS]`: installs Mosquitto if it is missing (Debian)
+//!   and the Azure IoT SDKs for Python (a venv in `target/pyenv`, for edge-hub's tests),
 //!   then runs the whole test suite.
 //! - `cargo xtask handlers`: only builds the example handlers into `target/handlers/`.
 //! - `cargo xtask toolchains`: installs the pinned Python and JavaScript handler
 //!   toolchains under `target/` ([`xtask::lang`]).
 //! - `cargo xtask new NAME --lang rust|python|js [--dir PATH]`: a standalone handler
 //!   folder that builds with one command ([`xtask::scaffold`]).
+//! - `cargo xtask hub [HUB FLAGS]`: runs edge-hub (a local IoT Hub) with an edge-host
+//!   serving the example handlers as `my-device` on the hub's embedded broker.
 //!
 //! Each task that builds guests first makes sure the `wasm32-wasip2` target is installed
 //! (see [`ensure_wasm_target`]): rustup installs the targets of `rust-toolchain.toml`
@@ -34,6 +37,8 @@ tasks:
                   embedded broker; FLAGS go to edge-host (see --help there)
   test [ARGS]     install Mosquitto if missing, then run every test; ARGS go to cargo test
   handlers        build the example handlers into target/handlers/
+  hub [FLAGS]     run edge-hub (a local IoT Hub) with edge-host my-device behind it on
+                  the hub's embedded broker; FLAGS go to edge-hub (see --help there)
   toolchains      install the pinned Python and JavaScript handler toolchains (under target/)
   new NAME --lang rust|python|js [--dir PATH]
                   make a standalone handler folder (default ./NAME) that builds with one command";
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("hub") => hub(&args[1..]),
         Some("handlers") => build_handlers().map(|dir| println!("handlers in {}", dir.display())),
         Some("toolchains") => xtask::lang::install_all(&root()),
         Some("new") => new(&args[1..]),
@@ -176,6 +182,57 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
     Err(host.exec()).context("running edge-host")
 }
 
+/// Builds the handlers, edge-hub and edge-host; runs edge-hub (devices on 8883, the
+/// service API on 127.0.0.1:8443, the embedded broker on 127.0.0.1:1883) and edge-host
+/// `my-device` on that broker, until both stop (Ctrl-C stops both).
+fn hub(flags: &[String]) -> anyhow::Result<()> {
+    let handlers = build_handlers()?;
+    check(
+        cargo()
+            .args(["build", "-p", "edge-hub", "-p", "edge-host"])
+            .status()
+            .context("running cargo build")?,
+        "building edge-hub and edge-host",
+    )?;
+    let bin = root().join("target/debug");
+    let mut hub = Command::new(bin.join("edge-hub"))
+        .args(flags)
+        .spawn()
+        .context("running edge-hub")?;
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 1883));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(broker).is_err() {
+        if std::time::Instant::now() > deadline || hub.try_wait()?.is_some() {
+            let _ = hub.kill();
+            bail!("edge-hub did not start its broker on {broker}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut host = Command::new(bin.join("edge-host"))
+        .args([
+            "--device-id",
+            "my-device",
+            "--broker",
+            "mqtt://127.0.0.1:1883",
+            "--handlers",
+        ])
+        .arg(&handlers)
+        .spawn()
+        .context("running edge-host")?;
+    let service = Command::new(bin.join("edge-hub"))
+        .args(flags)
+        .arg("connection-string")
+        .output()
+        .context("running edge-hub connection-string")?;
+    eprintln!(
+        "xtask: edge-hub runs, with edge-host my-device behind it. The service connection string:\n{}",
+        String::from_utf8_lossy(&service.stdout).trim()
+    );
+    let hub_status = hub.wait()?;
+    let _ = host.wait();
+    check(hub_status, "edge-hub")
+}
+
 /// Makes sure Mosquitto is there, then runs the test suite.
 fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_mosquitto()?;
@@ -183,6 +240,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // and JavaScript tests build theirs with these toolchains.
     ensure_wasm_target()?;
     xtask::lang::install_all(&root())?;
+    ensure_python_sdks()?;
     let mut tests = cargo();
     tests.arg("test").args(args);
     check(tests.status().context("running cargo test")?, "the tests")
@@ -303,6 +361,49 @@ fn ensure_mosquitto() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()?,
         "apt-get install mosquitto",
+    )
+}
+
+/// The Azure IoT SDKs for Python that edge-hub's tests run as peers, pinned there.
+const PYTHON_SDKS: &str = "hub/tests/python/requirements.txt";
+
+/// Makes a Python venv at target/pyenv with the Azure IoT SDKs, unless EDGE_PYTHON
+/// names an interpreter or the venv already has them.
+fn ensure_python_sdks() -> anyhow::Result<()> {
+    if std::env::var_os("EDGE_PYTHON").is_some() {
+        return Ok(());
+    }
+    let venv = root().join("target/pyenv");
+    let python = venv.join("bin/python");
+    let has_sdks = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import azure.iot.device, azure.iot.hub"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if has_sdks(&python) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the Azure IoT SDKs for Python into {}",
+        venv.display()
+    );
+    check(
+        Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .context("running python3 -m venv (edge-hub's tests need Python 3 with venv)")?,
+        "python3 -m venv",
+    )?;
+    check(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "-r"])
+            .arg(root().join(PYTHON_SDKS))
+            .status()
+            .context("running pip")?,
+        "pip install of the Azure IoT SDKs",
     )
 }
 

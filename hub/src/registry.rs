@@ -1,0 +1,603 @@
+//! The identity registry: devices (with their keys and twins) and service policies
+//! (with their keys and rights), kept in one JSON file in the data folder.
+//!
+//! Every change is written atomically (a temporary file in the same folder, then a
+//! rename), so a crash never leaves half a registry. Before every read or change the
+//! file is read again if it changed on disk, so that hub instances sharing one folder
+//! (and the CLI's `device add`) see each other's changes; two instances changing the
+//! registry in the same instant may lose one of the two changes (there is no
+//! cross-process lock).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use edge_proto::iothub::generate_key;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The registry file's name in the data folder.
+pub const FILE: &str = "registry.json";
+
+/// What a service policy may do, as IoT Hub's permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum Right {
+    /// Read devices and twins.
+    RegistryRead,
+    /// Create, change and delete devices.
+    RegistryWrite,
+    /// Call methods, read twins (the service side).
+    ServiceConnect,
+    /// Connect as any device (the device side).
+    DeviceConnect,
+}
+
+/// A shared access policy: a named pair of keys with rights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    /// Its name, such as `iothubowner` (the token's `skn`).
+    pub name: String,
+    /// The primary key, base64.
+    pub primary_key: String,
+    /// The secondary key, base64.
+    pub secondary_key: String,
+    /// What it may do.
+    pub rights: Vec<Right>,
+}
+
+/// A device identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Device {
+    /// The primary symmetric key, base64.
+    pub primary_key: String,
+    /// The secondary symmetric key, base64.
+    pub secondary_key: String,
+    /// `enabled` or `disabled`; a disabled device cannot connect.
+    pub status: String,
+    /// Changes whenever the identity changes (IoT Hub's `etag`).
+    pub etag: String,
+    /// Set when the device is created; a device deleted and added again gets another.
+    pub generation_id: String,
+    /// The device twin's properties.
+    #[serde(default)]
+    pub twin: Twin,
+    /// Thumbprints (SHA-256 or SHA-1, hex) of the self-signed client certificates the
+    /// device may connect with instead of a SAS token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub x509_thumbprints: Vec<String>,
+}
+
+/// A device twin's two property sets, each versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Twin {
+    /// Desired properties (set by the service).
+    pub desired: Map<String, Value>,
+    /// Its version, raised by every change.
+    pub desired_version: u64,
+    /// Reported properties (set by the device).
+    pub reported: Map<String, Value>,
+    /// Its version, raised by every change.
+    pub reported_version: u64,
+}
+
+impl Twin {
+    /// The twin as a device reads it: `{"desired":{..,"$version":n},"reported":{..}}`.
+    pub fn to_device_json(&self) -> Value {
+        let with_version = |map: &Map<String, Value>, version: u64| {
+            let mut map = map.clone();
+            map.insert("$version".into(), version.into());
+            Value::Object(map)
+        };
+        serde_json::json!({
+            "desired": with_version(&self.desired, self.desired_version),
+            "reported": with_version(&self.reported, self.reported_version),
+        })
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Document {
+    policies: Vec<Policy>,
+    devices: BTreeMap<String, Device>,
+}
+
+/// Why a registry operation was refused (as opposed to failing on disk).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The device id breaks IoT Hub's naming rule.
+    #[error("invalid device id '{id}': {reason}")]
+    InvalidId {
+        /// The id given.
+        id: String,
+        /// What rule it breaks.
+        reason: String,
+    },
+    /// No such device.
+    #[error("device '{0}' is not registered")]
+    NotFound(String),
+    /// The device exists already.
+    #[error("device '{0}' is already registered")]
+    Exists(String),
+    /// The etag given does not match (a change since it was read).
+    #[error("device '{0}' changed since it was read (etag mismatch)")]
+    EtagMismatch(String),
+    /// A key is not base64.
+    #[error("device '{0}': a key is not base64")]
+    BadKey(String),
+    /// A certificate thumbprint is not 40 or 64 hex digits (SHA-1 or SHA-256).
+    #[error("thumbprint '{0}' is not 40 or 64 hex digits (SHA-1 or SHA-256)")]
+    BadThumbprint(String),
+    /// Reading or writing the file failed.
+    #[error(transparent)]
+    Io(#[from] anyhow::Error),
+}
+
+/// A file's modification time, inode and length.
+type Stamp = (SystemTime, u64, u64);
+
+/// The registry, shared by the device endpoint, the service API and the CLI.
+/// Clones share one in-memory copy.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    path: PathBuf,
+    doc: Document,
+    /// The file's identity when last read or written: every write renames a new file
+    /// into place, so its inode tells a change even within the clock's granularity.
+    seen: Option<Stamp>,
+}
+
+impl Registry {
+    /// Opens the registry in `dir`, creating the folder and the file (with IoT Hub's
+    /// default policies) on first use.
+    ///
+    /// # Errors
+    /// When the folder or the file cannot be created or read, or the file is not a
+    /// registry.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+        let path = dir.join(FILE);
+        let mut inner = Inner {
+            path,
+            doc: Document::default(),
+            seen: None,
+        };
+        if inner.path.exists() {
+            inner.reload()?;
+        } else {
+            inner.doc.policies = default_policies();
+            inner.save()?;
+        }
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    /// The registry file's path.
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the current document (read again if it changed on disk).
+    fn read<T>(&self, f: impl FnOnce(&Document) -> T) -> anyhow::Result<T> {
+        let mut inner = self.lock();
+        inner.refresh()?;
+        Ok(f(&inner.doc))
+    }
+
+    /// Runs `f` on the current document and writes it back if `f` succeeds.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Document) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut inner = self.lock();
+        inner.refresh()?;
+        let mut doc = inner.doc.clone();
+        let out = f(&mut doc)?;
+        inner.doc = doc;
+        inner.save()?;
+        Ok(out)
+    }
+
+    /// A device, if registered.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn device(&self, id: &str) -> anyhow::Result<Option<Device>> {
+        self.read(|doc| doc.devices.get(id).cloned())
+    }
+
+    /// Every device, by id.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn devices(&self) -> anyhow::Result<BTreeMap<String, Device>> {
+        self.read(|doc| doc.devices.clone())
+    }
+
+    /// A policy by name.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn policy(&self, name: &str) -> anyhow::Result<Option<Policy>> {
+        self.read(|doc| doc.policies.iter().find(|p| p.name == name).cloned())
+    }
+
+    /// Registers a new device; keys given as `None` are generated.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidId`], [`RegistryError::Exists`], [`RegistryError::BadKey`],
+    /// or a failure to write.
+    pub fn add_device(
+        &self,
+        id: &str,
+        keys: (Option<String>, Option<String>),
+        status: Option<String>,
+    ) -> Result<Device, RegistryError> {
+        check_device_id(id)?;
+        let device = new_device(id, keys, status)?;
+        self.change(|doc| {
+            if doc.devices.contains_key(id) {
+                return Err(RegistryError::Exists(id.to_owned()));
+            }
+            doc.devices.insert(id.to_owned(), device.clone());
+            Ok(device)
+        })
+    }
+
+    /// Creates or updates a device, as IoT Hub's `PUT /devices/{id}`: without
+    /// `if_match` the device must not exist; with it (`*` or the etag) it may. Keys
+    /// given as `None` are kept, or generated for a new device.
+    ///
+    /// # Errors
+    /// As [`Registry::add_device`], and [`RegistryError::EtagMismatch`].
+    pub fn put_device(
+        &self,
+        id: &str,
+        keys: (Option<String>, Option<String>),
+        status: Option<String>,
+        if_match: Option<&str>,
+    ) -> Result<Device, RegistryError> {
+        check_device_id(id)?;
+        self.change(|doc| match (doc.devices.get_mut(id), if_match) {
+            (None, _) => {
+                let device = new_device(id, keys, status)?;
+                doc.devices.insert(id.to_owned(), device.clone());
+                Ok(device)
+            }
+            (Some(_), None) => Err(RegistryError::Exists(id.to_owned())),
+            (Some(device), Some(etag)) => {
+                if !etag_matches(etag, &device.etag) {
+                    return Err(RegistryError::EtagMismatch(id.to_owned()));
+                }
+                if let Some(key) = keys.0 {
+                    device.primary_key = checked_key(id, key)?;
+                }
+                if let Some(key) = keys.1 {
+                    device.secondary_key = checked_key(id, key)?;
+                }
+                if let Some(status) = status {
+                    device.status = status;
+                }
+                device.etag = new_etag();
+                Ok(device.clone())
+            }
+        })
+    }
+
+    /// Removes a device (with `if_match`, only if its etag matches or is `*`).
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::EtagMismatch`], or a failure to
+    /// write.
+    pub fn remove_device(&self, id: &str, if_match: Option<&str>) -> Result<(), RegistryError> {
+        self.change(|doc| {
+            let device = doc
+                .devices
+                .get(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            if let Some(etag) = if_match
+                && !etag_matches(etag, &device.etag)
+            {
+                return Err(RegistryError::EtagMismatch(id.to_owned()));
+            }
+            doc.devices.remove(id);
+            Ok(())
+        })
+    }
+
+    /// Sets the thumbprints of the certificates `id` may connect with.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`], [`RegistryError::BadThumbprint`], or a failure to
+    /// write.
+    pub fn set_thumbprints(&self, id: &str, thumbprints: Vec<String>) -> Result<(), RegistryError> {
+        for thumbprint in &thumbprints {
+            let hex = thumbprint.trim();
+            if !matches!(hex.len(), 40 | 64) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(RegistryError::BadThumbprint(thumbprint.clone()));
+            }
+        }
+        self.change(|doc| {
+            let device = doc
+                .devices
+                .get_mut(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            device.x509_thumbprints = thumbprints;
+            device.etag = new_etag();
+            Ok(())
+        })
+    }
+
+    /// Applies a JSON merge patch (RFC 7386: `null` deletes) to a device's reported
+    /// properties and returns their new version.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`] or a failure to write.
+    pub fn patch_reported(
+        &self,
+        id: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<u64, RegistryError> {
+        self.change(|doc| {
+            let device = doc
+                .devices
+                .get_mut(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            merge(&mut device.twin.reported, patch);
+            device.twin.reported_version += 1;
+            Ok(device.twin.reported_version)
+        })
+    }
+}
+
+impl Inner {
+    fn modified(&self) -> Option<Stamp> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some((meta.modified().ok()?, inode, meta.len()))
+    }
+
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        if self.modified() != self.seen {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    fn reload(&mut self) -> anyhow::Result<()> {
+        let seen = self.modified();
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("cannot read the registry {}", self.path.display()))?;
+        self.doc = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a registry", self.path.display()))?;
+        self.seen = seen;
+        Ok(())
+    }
+
+    fn save(&mut self) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(&self.doc).context("serializing the registry")?;
+        let tmp = self
+            .path
+            .with_file_name(format!(".{FILE}.{:08x}.tmp", rand::random::<u32>()));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
+        }
+        self.seen = self.modified();
+        Ok(())
+    }
+}
+
+/// IoT Hub's default shared access policies.
+fn default_policies() -> Vec<Policy> {
+    use Right::*;
+    [
+        (
+            "iothubowner",
+            vec![RegistryRead, RegistryWrite, ServiceConnect, DeviceConnect],
+        ),
+        ("service", vec![ServiceConnect]),
+        ("device", vec![DeviceConnect]),
+        ("registryRead", vec![RegistryRead]),
+        ("registryReadWrite", vec![RegistryRead, RegistryWrite]),
+    ]
+    .into_iter()
+    .map(|(name, rights)| Policy {
+        name: name.to_owned(),
+        primary_key: generate_key(),
+        secondary_key: generate_key(),
+        rights,
+    })
+    .collect()
+}
+
+fn new_device(
+    id: &str,
+    (primary, secondary): (Option<String>, Option<String>),
+    status: Option<String>,
+) -> Result<Device, RegistryError> {
+    Ok(Device {
+        primary_key: primary.map_or_else(|| Ok(generate_key()), |k| checked_key(id, k))?,
+        secondary_key: secondary.map_or_else(|| Ok(generate_key()), |k| checked_key(id, k))?,
+        status: status.unwrap_or_else(|| "enabled".to_owned()),
+        etag: new_etag(),
+        generation_id: format!("{:018}", rand::random::<u64>() % 1_000_000_000_000_000_000),
+        twin: Twin {
+            desired_version: 1,
+            reported_version: 1,
+            ..Twin::default()
+        },
+        x509_thumbprints: Vec::new(),
+    })
+}
+
+fn checked_key(id: &str, key: String) -> Result<String, RegistryError> {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(key.as_bytes()) {
+        Ok(bytes) if (16..=64).contains(&bytes.len()) => Ok(key),
+        _ => Err(RegistryError::BadKey(id.to_owned())),
+    }
+}
+
+/// Whether an `If-Match` value (`*` or an etag, quoted or not: the SDKs quote both)
+/// matches `etag`.
+fn etag_matches(if_match: &str, etag: &str) -> bool {
+    let given = if_match.trim().trim_matches('"');
+    given == "*" || given == etag
+}
+
+fn new_etag() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// IoT Hub's device id rule, as `edge_proto` checks it for the backend topics.
+///
+/// # Errors
+/// [`RegistryError::InvalidId`] saying which rule.
+pub fn check_device_id(id: &str) -> Result<(), RegistryError> {
+    edge_proto::topic::check_device_id(id).map_err(|e| RegistryError::InvalidId {
+        id: id.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// RFC 7386 merge of `patch` into `target`.
+fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(inner) => {
+                let entry = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                if let Value::Object(existing) = entry {
+                    merge(existing, inner);
+                }
+            }
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_registry_has_iot_hubs_policies_and_survives_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("opens");
+        let owner = registry
+            .policy("iothubowner")
+            .expect("reads")
+            .expect("there");
+        assert!(owner.rights.contains(&Right::ServiceConnect));
+        let device = registry.add_device("d1", (None, None), None).expect("adds");
+        let again = Registry::open(dir.path()).expect("reopens");
+        assert_eq!(again.device("d1").expect("reads"), Some(device));
+        assert_eq!(
+            again.policy("iothubowner").expect("reads"),
+            Some(owner),
+            "keys are kept"
+        );
+    }
+
+    #[test]
+    fn a_second_instance_sees_changes_made_by_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = Registry::open(dir.path()).expect("opens");
+        let two = Registry::open(dir.path()).expect("opens");
+        one.add_device("d1", (None, None), None).expect("adds");
+        assert!(two.device("d1").expect("reads").is_some());
+        two.remove_device("d1", None).expect("removes");
+        assert!(one.device("d1").expect("reads").is_none());
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("opens");
+        registry.add_device("d1", (None, None), None).expect("adds");
+        assert!(matches!(
+            registry.add_device("d1", (None, None), None),
+            Err(RegistryError::Exists(_))
+        ));
+        assert!(matches!(
+            registry.add_device("bad/id", (None, None), None),
+            Err(RegistryError::InvalidId { .. })
+        ));
+        assert!(matches!(
+            registry.add_device("d2", (Some("nope!".into()), None), None),
+            Err(RegistryError::BadKey(_))
+        ));
+        assert!(matches!(
+            registry.remove_device("d9", None),
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(matches!(
+            registry.put_device("d1", (None, None), None, Some("\"wrong\"")),
+            Err(RegistryError::EtagMismatch(_))
+        ));
+        registry
+            .remove_device("d1", Some("\"*\""))
+            .expect("a quoted wildcard matches");
+    }
+
+    #[test]
+    fn reported_patches_merge_and_raise_the_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("opens");
+        registry.add_device("d1", (None, None), None).expect("adds");
+        let patch = |v: Value| v.as_object().cloned().expect("an object");
+        assert_eq!(
+            registry
+                .patch_reported("d1", &patch(serde_json::json!({"a":{"b":1,"c":2},"x":1})))
+                .expect("patches"),
+            2
+        );
+        assert_eq!(
+            registry
+                .patch_reported("d1", &patch(serde_json::json!({"a":{"b":null},"x":null})))
+                .expect("patches"),
+            3
+        );
+        let twin = registry.device("d1").expect("reads").expect("there").twin;
+        assert_eq!(
+            Value::Object(twin.reported),
+            serde_json::json!({"a":{"c":2}})
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The device endpoint, driven by a raw MQTT client the way IoT Hub's device SDKs
+//! speak: authentication, the topic mapping to the backend, twins, telemetry, and the
+//! rules a real hub enforces by disconnecting.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Attempt, TestHub, connect_device, connect_raw, connect_raw_with, username};
+use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
+use rumqttc::{ConnectReturnCode, Packet, QoS};
+
+async fn caller(hub: &TestHub) -> Caller {
+    Caller::connect(ConnectOptions::new(hub.broker()))
+        .await
+        .unwrap()
+}
+
+/// Answers every request the raw device gets with 200 and the request's payload.
+async fn answer_one(device: &mut common::RawDevice) -> String {
+    let Packet::Publish(request) = device
+        .until(|p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    let rid = request.topic.split("$rid=").nth(1).unwrap().to_owned();
+    device
+        .client
+        .publish(
+            format!("$iothub/methods/res/200/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            false,
+            request.payload.to_vec(),
+        )
+        .await
+        .unwrap();
+    // The event loop sends what was queued only while polled.
+    device
+        .until(|p| matches!(p, Packet::PubAck(_)))
+        .await
+        .unwrap();
+    request.topic
+}
+
+#[tokio::test]
+async fn a_device_on_the_hub_is_called_by_edge_invoker_on_the_backend() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let caller = caller(&hub).await;
+    let call = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            caller
+                .call(&CallRequest::new("d1", "ping", r#"{"n":42}"#))
+                .await
+        }
+    });
+    let topic = answer_one(&mut device).await;
+    assert!(
+        topic.starts_with("$iothub/methods/POST/ping/?$rid="),
+        "the device sees IoT Hub's bare topic: {topic}"
+    );
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.payload.to_value(), serde_json::json!({"n":42}));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_is_online_on_the_backend_only_while_subscribed_to_methods() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    device.client.disconnect().await.unwrap();
+    let _ = device.closed_within(Duration::from_secs(5)).await;
+    testkit::presence(&hub.broker(), "d1", false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let error = caller(&hub)
+        .await
+        .call(&CallRequest::new("d1", "ping", ""))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CallError::NotOnline { .. }), "{error:?}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_with_connack_codes() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let other_key = hub.add_device("d2");
+    let cases = [
+        (
+            "wrong key",
+            "d1",
+            username("d1"),
+            TestHub::device_token("d1", &other_key, 3600),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "expired token",
+            "d1",
+            username("d1"),
+            edge_proto::iothub::sign("localhost/devices/d1", &key, 1000, None).unwrap(),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "token for another device",
+            "d1",
+            username("d1"),
+            TestHub::device_token("d2", &other_key, 3600),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "unregistered device",
+            "d9",
+            username("d9"),
+            TestHub::device_token("d9", &key, 3600),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "username for another device",
+            "d1",
+            username("d2"),
+            TestHub::device_token("d1", &key, 3600),
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+        (
+            "password not a token",
+            "d1",
+            username("d1"),
+            "hunter2".to_owned(),
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+    ];
+    for (what, id, user, password, code) in cases {
+        match connect_raw(&hub, id, &user, &password).await {
+            Attempt::Refused(got) => assert_eq!(got, code, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // And the right token connects, so the refusals above were about the credentials.
+    connect_device(&hub, "d1", &key).await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn what_iot_hub_refuses_disconnects_the_device() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    hub.add_device("d2");
+    for (what, topic, retain) in [
+        (
+            "another device's telemetry",
+            "devices/d2/messages/events/",
+            false,
+        ),
+        ("an unknown topic", "hello/world", false),
+        (
+            "a retained telemetry message",
+            "devices/d1/messages/events/",
+            true,
+        ),
+        (
+            "another device's namespace",
+            "devices/d2/$iothub/methods/res/200/?$rid=1",
+            false,
+        ),
+    ] {
+        let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+        device
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, b"{}".to_vec())
+            .await
+            .unwrap();
+        device
+            .closed_within(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device
+        .client
+        .subscribe("devices/d2/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    device.closed_within(Duration::from_secs(5)).await.unwrap();
+
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    for filter in [
+        "$iothub/methods/POST/#",
+        "$iothub/twin/res/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+        "devices/d1/messages/devicebound/#",
+    ] {
+        device.subscribe(filter).await.unwrap();
+    }
+    // Four allowed filters pass; a sixth subscription (any) is one too many, and an
+    // unknown filter is refused anyway.
+    device
+        .client
+        .subscribe("$iothub/unknown/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    device.closed_within(Duration::from_secs(5)).await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_the_connection() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let token = TestHub::device_token("d1", &key, 2);
+    let Attempt::Connected(mut device) = connect_raw(&hub, "d1", &username("d1"), &token).await
+    else {
+        panic!("connects");
+    };
+    let took = device.closed_within(Duration::from_secs(6)).await.unwrap();
+    assert!(took <= Duration::from_secs(4), "closed after {took:?}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_of_a_device_drops_the_first() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut first = connect_device(&hub, "d1", &key).await.unwrap();
+    let mut second = connect_device(&hub, "d1", &key).await.unwrap();
+    first.closed_within(Duration::from_secs(5)).await.unwrap();
+    second.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let caller = caller(&hub).await;
+    let call = tokio::spawn(async move { caller.call(&CallRequest::new("d1", "ping", "1")).await });
+    answer_one(&mut second).await;
+    assert_eq!(call.await.unwrap().unwrap().status, 200);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn twins_are_read_and_reported_properties_patched_and_versioned() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device.subscribe("$iothub/twin/res/#").await.unwrap();
+    device
+        .client
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=7",
+            QoS::AtMostOnce,
+            false,
+            br#"{"firmware":"1.2"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let Packet::Publish(ack) = device
+        .until(|p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(ack.topic, "$iothub/twin/res/204/?$rid=7&$version=2");
+    device
+        .client
+        .publish(
+            "$iothub/twin/GET/?$rid=8",
+            QoS::AtMostOnce,
+            false,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let Packet::Publish(twin) = device
+        .until(|p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(twin.topic, "$iothub/twin/res/200/?$rid=8");
+    let twin: serde_json::Value = serde_json::from_slice(&twin.payload).unwrap();
+    assert_eq!(
+        twin,
+        serde_json::json!({"desired":{"$version":1},"reported":{"firmware":"1.2","$version":2}})
+    );
+    device
+        .client
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=9",
+            QoS::AtMostOnce,
+            false,
+            b"not json".to_vec(),
+        )
+        .await
+        .unwrap();
+    let Packet::Publish(refused) = device
+        .until(|p| matches!(p, Packet::Publish(_)))
+        .await
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(refused.topic, "$iothub/twin/res/400/?$rid=9");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn telemetry_reaches_the_backend_under_the_devices_topic() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut listener =
+        testkit::RawClient::connect(&hub.broker(), &["devices/d1/messages/events/#".to_owned()])
+            .await
+            .unwrap();
+    let device = connect_device(&hub, "d1", &key).await.unwrap();
+    let mut device = device;
+    device
+        .client
+        .publish(
+            "devices/d1/messages/events/%24.ct=application%2Fjson",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"t":21.5}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    device
+        .until(|p| matches!(p, Packet::PubAck(_)))
+        .await
+        .unwrap();
+    let (topic, payload) = listener
+        .next_where(Duration::from_secs(5), |t| {
+            t.starts_with("devices/d1/messages/events/")
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        topic,
+        "devices/d1/messages/events/%24.ct=application%2Fjson"
+    );
+    assert_eq!(payload, br#"{"t":21.5}"#);
+    hub.stop().await;
+}
+
+/// A self-signed certificate for `cn`: (certificate PEM, key PEM, DER).
+fn self_signed(cn: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![cn.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+        cert.der().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn a_device_with_a_registered_certificate_connects_without_a_token() {
+    let hub = TestHub::start().await.unwrap();
+    let (cert, key, der) = self_signed("x1");
+    hub.add_device("x1");
+    let [sha256, _] = edge_hub::pki::thumbprints(&der);
+    hub.hub
+        .registry
+        .set_thumbprints("x1", vec![sha256.to_ascii_lowercase()])
+        .unwrap();
+    let Attempt::Connected(mut device) = connect_raw_with(
+        &hub,
+        "x1",
+        &username("x1"),
+        "",
+        Some((cert.clone(), key.clone())),
+    )
+    .await
+    else {
+        panic!("the registered certificate connects");
+    };
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let caller = caller(&hub).await;
+    let call = tokio::spawn(async move { caller.call(&CallRequest::new("x1", "ping", "2")).await });
+    answer_one(&mut device).await;
+    assert_eq!(call.await.unwrap().unwrap().status, 200);
+
+    let (other_cert, other_key, _) = self_signed("x1");
+    for (what, client_auth, code) in [
+        (
+            "an unregistered certificate",
+            Some((other_cert, other_key)),
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "neither token nor certificate",
+            None,
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+    ] {
+        match connect_raw_with(&hub, "x1", &username("x1"), "", client_auth).await {
+            Attempt::Refused(got) => assert_eq!(got, code, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // The certificate is the device's, not any device's.
+    hub.add_device("x2");
+    match connect_raw_with(&hub, "x2", &username("x2"), "", Some((cert, key))).await {
+        Attempt::Refused(got) => assert_eq!(got, ConnectReturnCode::NotAuthorized),
+        other => panic!("another device with x1's certificate: {other:?}"),
+    }
+    hub.stop().await;
+}
