@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use edge_proto::BrokerUrl;
+use edge_proto::iothub::{ConnectionString, DeviceEndpoint, HubTransport};
+use edge_proto::transport::{Secret, TlsFiles};
 use serde::Deserialize;
 
 use crate::dispatch::DispatchLimits;
@@ -22,10 +24,23 @@ pub struct Config {
     /// The folder the handler `.wasm` files (and their sidecars) are in.
     pub handlers: PathBuf,
     /// An external broker to connect to; none starts the embedded broker.
-    #[serde(deserialize_with = "broker_url")]
     pub broker: Option<BrokerUrl>,
-    /// TLS files for the connection to an external broker.
-    pub tls: TlsSettings,
+    /// TLS files for the connection to an external broker or to IoT Hub: the CA to
+    /// trust (unset trusts the system's roots), and a client certificate and its key.
+    pub tls: TlsFiles,
+    /// A device connection string: connect to Azure IoT Hub (or a gateway, or
+    /// edge-hub) as that device, instead of to a broker. A secret: never logged.
+    pub connection_string: Option<Secret>,
+    /// A file whose first line is the device connection string.
+    pub connection_string_file: Option<PathBuf>,
+    /// How to reach IoT Hub: `mqtt` (TLS, port 8883) or `mqtt-ws` (WebSockets, 443).
+    pub transport: HubTransport,
+    /// The IoT Hub port, when not the transport's own (tests, gateways).
+    pub hub_port: Option<u16>,
+    /// How long the SAS tokens signed from the connection string's key live; the host
+    /// reconnects with a fresh one before each expires.
+    #[serde(deserialize_with = "duration")]
+    pub sas_lifetime: Duration,
     /// The MQTT username, if the broker wants one.
     pub username: Option<String>,
     /// A file whose first line is the MQTT password (`EDGE_PASSWORD` wins over it).
@@ -51,7 +66,12 @@ impl Default for Config {
             device_id: String::new(),
             handlers: PathBuf::from("handlers"),
             broker: None,
-            tls: TlsSettings::default(),
+            tls: TlsFiles::default(),
+            connection_string: None,
+            connection_string_file: None,
+            transport: HubTransport::default(),
+            hub_port: None,
+            sas_lifetime: edge_proto::iothub::DEFAULT_TOKEN_LIFETIME,
             username: None,
             password_file: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
@@ -101,14 +121,69 @@ impl Config {
         let password =
             edge_proto::transport::password("EDGE_PASSWORD", self.password_file.as_deref())?;
         Ok(edge_proto::transport::Security {
-            tls: edge_proto::transport::TlsFiles {
-                ca_file: self.tls.ca_file.clone(),
-                cert_file: self.tls.cert_file.clone(),
-                key_file: self.tls.key_file.clone(),
-            },
+            tls: self.tls.clone(),
             username: self.username.clone(),
             password,
         })
+    }
+
+    /// The IoT Hub this host connects to as a device, when a device connection string
+    /// is configured (`connection_string`, else the first line of
+    /// `connection_string_file`).
+    ///
+    /// # Errors
+    /// When the file cannot be read, the string is not a device connection string, or
+    /// it contradicts other settings (a broker, MQTT credentials, another device id).
+    pub fn iothub(&self) -> anyhow::Result<Option<DeviceEndpoint>> {
+        let text = match (&self.connection_string, &self.connection_string_file) {
+            (Some(secret), _) => secret.expose().to_owned(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read connection string file {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        let connection = match text.trim().parse::<ConnectionString>() {
+            Ok(ConnectionString::Device(device)) => device,
+            Ok(ConnectionString::Service(_)) => anyhow::bail!(
+                "the connection string is a service policy's (SharedAccessKeyName): edge-host \
+                 needs a device's (HostName=..;DeviceId=..;SharedAccessKey=..); edge-invoker \
+                 takes the service one"
+            ),
+            Err(error) => anyhow::bail!("invalid device connection string: {error}"),
+        };
+        if self.broker.is_some() {
+            anyhow::bail!(
+                "a connection string connects to IoT Hub; --broker connects to an MQTT broker: give one of them"
+            );
+        }
+        if self.username.is_some() || self.password_file.is_some() {
+            anyhow::bail!(
+                "MQTT credentials are for a broker: with a connection string, the host signs its own tokens"
+            );
+        }
+        if self.namespace != edge_proto::topic::DEFAULT_NAMESPACE {
+            anyhow::bail!("IoT Hub has no topic namespace: --namespace goes with --broker");
+        }
+        if !self.device_id.is_empty() && self.device_id != connection.device_id {
+            anyhow::bail!(
+                "the device id {:?} differs from the connection string's DeviceId {:?}: leave --device-id out",
+                self.device_id,
+                connection.device_id
+            );
+        }
+        if self.sas_lifetime < Duration::from_secs(2) {
+            anyhow::bail!("the SAS token lifetime must be at least 2 s");
+        }
+        Ok(Some(DeviceEndpoint {
+            connection,
+            transport: self.transport,
+            port: self.hub_port,
+            tls: self.tls.clone(),
+            token_lifetime: self.sas_lifetime,
+        }))
     }
 
     /// The longest a call may run when a handler's sidecar does not say.
@@ -136,23 +211,10 @@ impl Config {
     }
 }
 
-fn broker_url<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<BrokerUrl>, D::Error> {
-    let url: Option<String> = Option::deserialize(de)?;
-    url.map(|url| url.parse().map_err(serde::de::Error::custom))
-        .transpose()
-}
-
-/// TLS files for the broker connection; any of them (or an `mqtts://` broker) turns
-/// TLS on.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsSettings {
-    /// PEM file of the CA certificates to trust; unset trusts the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// PEM file of the host's client certificate, for mutual TLS.
-    pub cert_file: Option<PathBuf>,
-    /// PEM file of that certificate's private key.
-    pub key_file: Option<PathBuf>,
+/// A duration as people write it: `"1h"`, `"90s"`.
+fn duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    humantime::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 /// Limits that hold for every call.

@@ -4,7 +4,9 @@
 //! The path of a call, and where each step lives:
 //! - [`mqtt`]: the session. Receives `NS$iothub/methods/POST/{method}/?$rid={rid}`,
 //!   spawns the call, publishes the answer on `NS$iothub/methods/res/{status}/?$rid=`;
-//!   keeps presence and the method catalog retained.
+//!   keeps presence and the method catalog retained; or, given a device connection
+//!   string, speaks IoT Hub's own topics with SAS tokens it renews, and reports the
+//!   catalog in the device twin.
 //! - [`dispatch`]: checks the payload, finds the handler, bounds calls in flight (the
 //!   host's and each handler's), awaits the call and maps every failure to a status
 //!   ([`CallError`]).
@@ -43,7 +45,7 @@ pub use dispatch::CallError;
 
 use crate::dispatch::Dispatcher;
 use crate::loader::Loader;
-use crate::mqtt::{Session, SessionConfig};
+use crate::mqtt::{Link, Session, SessionConfig};
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
 
@@ -67,19 +69,29 @@ pub struct RunReport {
 /// serves calls.
 ///
 /// # Errors
-/// When the configuration is invalid (device id, namespace), the handlers folder
-/// cannot be read, the sandbox cannot be set up, or the embedded broker cannot start.
+/// When the configuration is invalid (device id, namespace, connection string), the
+/// handlers folder cannot be read, the sandbox cannot be set up, the embedded broker
+/// cannot start, or IoT Hub refuses the device's credentials.
 /// A handler file that fails to load is not an error: it is logged and listed in the
 /// catalog's failures, and the others serve.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<RunReport> {
-    let namespace = Namespace::new(&config.namespace, &config.device_id).with_context(|| {
+    let hub = config.iothub()?;
+    let device_id = match &hub {
+        Some(endpoint) => endpoint.connection.device_id.clone(),
+        None => config.device_id.clone(),
+    };
+    let link = hub.map(Link::IotHub);
+    let namespace = Namespace::new(&config.namespace, &device_id).with_context(|| {
         format!(
-            "invalid device id {:?} or namespace {:?}",
-            config.device_id, config.namespace
+            "invalid device id {device_id:?} or namespace {:?}",
+            config.namespace
         )
     })?;
     let security = config.security()?;
-    if config.broker.is_none() && (security.tls.is_set() || security.username.is_some()) {
+    if link.is_none()
+        && config.broker.is_none()
+        && (security.tls.is_set() || security.username.is_some())
+    {
         anyhow::bail!(
             "TLS files and credentials are for an external broker: give --broker mqtts://HOST:PORT \
              (the embedded broker speaks plain MQTT, on loopback by default)"
@@ -99,7 +111,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let loader = Loader {
         sandbox: Arc::clone(&sandbox),
         dir: config.handlers.clone(),
-        device_id: config.device_id.clone(),
+        device_id: device_id.clone(),
         defaults: config.handler_defaults_with_share(),
         call_timeout: config.call_timeout(),
     };
@@ -118,27 +130,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
 
-    let broker = match &config.broker {
-        Some(url) => url.clone(),
-        None => broker::start(config.listen)?,
+    let link = match link {
+        Some(link) => link,
+        None => Link::Broker {
+            broker: match &config.broker {
+                Some(url) => url.clone(),
+                None => broker::start(config.listen)?,
+            },
+            device_id: device_id.clone(),
+            namespace,
+            security,
+        },
     };
-    tracing::info!(device_id = %config.device_id, %broker, "serving direct methods");
+    match &link {
+        Link::Broker { broker, .. } => {
+            tracing::info!(%device_id, %broker, "serving direct methods");
+        }
+        Link::IotHub(endpoint) => tracing::info!(
+            %device_id,
+            hub = %endpoint.connection.connect_host(),
+            port = endpoint.port(),
+            transport = %endpoint.transport,
+            auth = ?endpoint.connection.auth,
+            "serving direct methods on IoT Hub"
+        ),
+    }
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&registry),
         config.dispatch_limits(),
     ));
     let session = Session::new(
         SessionConfig {
-            broker,
-            device_id: config.device_id.clone(),
-            namespace,
-            security,
+            link,
             max_pending: config.limits.max_in_flight.saturating_mul(PENDING_PER_CALL),
         },
         dispatcher,
         registry,
     )?;
-    session.run(shutdown).await;
+    session.run(shutdown).await?;
     Ok(RunReport {
         compilations: sandbox.compilations(),
     })

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use edge_host::Config;
 use edge_proto::BrokerUrl;
+use edge_proto::iothub::HubTransport;
 
 /// Serves direct methods (Azure IoT Hub style) from WebAssembly handlers over MQTT.
 #[derive(Debug, Parser)]
@@ -18,7 +19,10 @@ use edge_proto::BrokerUrl;
         edge-host --device-id my-device --handlers ./handlers\n      \
         runs the embedded broker on 127.0.0.1:1883 and serves every *.wasm in ./handlers\n  \
         edge-host --device-id pump-7 --handlers /opt/handlers --broker mqtt://broker.site:1883\n      \
-        connects to an existing broker instead\n\n\
+        connects to an existing broker instead\n  \
+        EDGE_CONNECTION_STRING='HostName=my-hub.azure-devices.net;DeviceId=pump-7;SharedAccessKey=...' \\\n    \
+        edge-host --handlers /opt/handlers\n      \
+        answers Azure IoT Hub's direct methods as device pump-7 (add --transport mqtt-ws for port 443)\n\n\
         Logging: RUST_LOG (default info; the embedded broker's own log is off, as it reports\n        every client disconnect as an error: RUST_LOG=info,rumqttd=info shows it)"
 )]
 struct Args {
@@ -64,6 +68,43 @@ struct Args {
     /// A file whose first line is the MQTT password.
     #[arg(long, env = "EDGE_PASSWORD_FILE", value_name = "FILE")]
     password_file: Option<PathBuf>,
+
+    /// Connect to Azure IoT Hub (or a gateway, or edge-hub) as the device this device
+    /// connection string names (HostName=..;DeviceId=..;SharedAccessKey=.., or
+    /// SharedAccessSignature=.., or x509=true with --cert-file/--key-file), instead of
+    /// to a broker. Prefer EDGE_CONNECTION_STRING or --connection-string-file: a flag
+    /// shows in `ps`.
+    #[arg(
+        long,
+        env = "EDGE_CONNECTION_STRING",
+        value_name = "CS",
+        hide_env_values = true,
+        conflicts_with_all = ["broker", "listen", "username", "password_file", "namespace"]
+    )]
+    connection_string: Option<String>,
+
+    /// A file whose first line is the device connection string.
+    #[arg(
+        long,
+        env = "EDGE_CONNECTION_STRING_FILE",
+        value_name = "FILE",
+        conflicts_with_all = ["connection_string", "broker", "listen", "username", "password_file", "namespace"]
+    )]
+    connection_string_file: Option<PathBuf>,
+
+    /// How to reach IoT Hub: mqtt (MQTT over TLS, port 8883) or mqtt-ws (MQTT over
+    /// WebSockets, port 443, path /$iothub/websocket) [default: mqtt].
+    #[arg(long, env = "EDGE_TRANSPORT", value_name = "mqtt|mqtt-ws")]
+    transport: Option<HubTransport>,
+
+    /// The IoT Hub port, when not the transport's own (8883 or 443).
+    #[arg(long, env = "EDGE_HUB_PORT", value_name = "PORT")]
+    hub_port: Option<u16>,
+
+    /// How long the SAS tokens signed from the connection string's key live; the host
+    /// reconnects with a fresh one before each expires [default: 1h].
+    #[arg(long, env = "EDGE_SAS_LIFETIME", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    sas_lifetime: Option<std::time::Duration>,
 
     /// Where the embedded broker listens. Anything but loopback exposes the broker,
     /// unauthenticated, to that network.
@@ -134,9 +175,26 @@ impl Args {
         if let Some(namespace) = self.namespace {
             config.namespace = namespace;
         }
-        if config.device_id.is_empty() {
+        if let Some(connection_string) = self.connection_string {
+            config.connection_string = Some(connection_string.into());
+        }
+        if let Some(file) = self.connection_string_file {
+            config.connection_string_file = Some(file);
+        }
+        if let Some(transport) = self.transport {
+            config.transport = transport;
+        }
+        if let Some(port) = self.hub_port {
+            config.hub_port = Some(port);
+        }
+        if let Some(lifetime) = self.sas_lifetime {
+            config.sas_lifetime = lifetime;
+        }
+        let on_hub = config.connection_string.is_some() || config.connection_string_file.is_some();
+        if config.device_id.is_empty() && !on_hub {
             anyhow::bail!(
-                "no device id: pass --device-id ID (or set EDGE_DEVICE_ID, or device_id in --config)"
+                "no device id: pass --device-id ID (or set EDGE_DEVICE_ID, or device_id in --config), \
+             or a device connection string (--connection-string-file FILE, EDGE_CONNECTION_STRING)"
             );
         }
         Ok(config)

@@ -1,10 +1,15 @@
-//! The MQTT session: connects to the broker, subscribes to the device's request topic,
-//! keeps presence and the method catalog (both retained), hands each request to the
-//! dispatcher on a task of its own, and publishes the answers.
+//! The MQTT session: connects, subscribes to the device's request topic, announces the
+//! method catalog, hands each request to the dispatcher on a task of its own, and
+//! publishes the answers.
+//!
+//! It speaks one of two dialects ([`Link`]): the backend protocol on a broker (requests
+//! under the device's namespace; presence and catalog retained, with a will), or IoT
+//! Hub's device protocol (bare `$iothub/...` topics, the catalog as the twin's reported
+//! properties, nothing retained, and a SAS token renewed before it expires).
 //!
 //! The poll loop never waits on a handler: it only parses topics and spawns. A lost
 //! connection is retried with exponential backoff and jitter; every new connection
-//! subscribes again and republishes presence and catalog.
+//! subscribes again and announces the catalog again.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,16 +18,18 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use edge_proto::backoff::Backoff;
+use edge_proto::client::{CONNECT_TIMEOUT, MAX_PACKET};
+use edge_proto::iothub::{DeviceEndpoint, EndpointError, unix_now};
 use edge_proto::{BrokerUrl, Namespace, Presence};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
+    Packet, QoS, Request,
+};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::dispatch::{CallError, CallGuard, Dispatcher};
 use crate::registry::Registry;
-
-/// The largest MQTT packet taken or sent: a 128 KiB payload and its topic fit with room
-/// to spare, so that an oversized request still arrives and is answered 413.
-const MAX_PACKET: usize = 1024 * 1024;
 
 /// Refusals the session owes at most while the client's outgoing queue is full: each is
 /// a request id and a short error body (about 200 bytes), so a flood of any length costs
@@ -37,21 +44,119 @@ const PUBLISH_OVERHEAD: usize = 9;
 /// How long a clean shutdown waits for calls in flight to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// What the session needs to know about the device and the broker.
+/// How long the session may go without a packet before pinging.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// The longest a token is renewed ahead of its expiry; a short-lived one is renewed
+/// when four fifths of its life have passed.
+const RENEW_AHEAD: Duration = Duration::from_secs(120);
+
+/// How long a renewal waits for the hub to confirm that it stopped sending requests
+/// (UNSUBACK) before reconnecting anyway.
+const RENEW_DRAIN: Duration = Duration::from_secs(5);
+
+/// IoT Hub's twin topics: responses to the device's twin requests, and the reported
+/// properties patch (followed by the request id).
+const TWIN_RESPONSES: &str = "$iothub/twin/res/#";
+const TWIN_RESPONSE_PREFIX: &str = "$iothub/twin/res/";
+const TWIN_REPORTED: &str = "$iothub/twin/PATCH/properties/reported/?$rid=";
+
+/// What the session needs to know about the device and where it connects.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// The broker to connect to.
-    pub broker: BrokerUrl,
-    /// The device id, which is also the MQTT client id.
-    pub device_id: String,
-    /// The device's topic namespace.
-    pub namespace: Namespace,
-    /// TLS and credentials.
-    pub security: edge_proto::transport::Security,
+    /// Where to connect, and the dialect to speak there.
+    pub link: Link,
     /// Requests taken and not yet answered (running, or with their answer waiting to be
     /// queued) that the session holds at most; past it, a request is answered 503 at
     /// once, so a flood while answers drain slowly cannot grow memory without bound.
     pub max_pending: usize,
+}
+
+/// Where the session connects, and the dialect it speaks there.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// The backend protocol on an MQTT broker: requests under the device's namespace,
+    /// presence and catalog retained, a will that marks the device offline.
+    Broker {
+        /// The broker to connect to.
+        broker: BrokerUrl,
+        /// The device id, which is also the MQTT client id.
+        device_id: String,
+        /// The device's topic namespace.
+        namespace: Namespace,
+        /// TLS and credentials.
+        security: edge_proto::transport::Security,
+    },
+    /// IoT Hub's device protocol: bare topics, the catalog reported in the twin.
+    IotHub(DeviceEndpoint),
+}
+
+/// Why the session stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The hub refused credentials that were just made: trying again cannot help.
+    #[error(
+        "IoT Hub refused the device's {what} ({code:?}): check the connection string's \
+         DeviceId and key (or certificate), and that the device is registered and enabled"
+    )]
+    Refused {
+        /// The CONNACK's return code.
+        code: ConnectReturnCode,
+        /// What was presented.
+        what: &'static str,
+    },
+    /// No token can be made (a ready token that expired, say).
+    #[error(transparent)]
+    Token(#[from] EndpointError),
+}
+
+/// The IoT Hub side of a session: the endpoint, and when its token must be renewed.
+struct Hub {
+    endpoint: DeviceEndpoint,
+    /// When to renew the token (or, while draining, when to stop waiting for the
+    /// hub's UNSUBACK); none when the token cannot be renewed here (a ready token, or
+    /// X.509).
+    renew_at: Option<Instant>,
+    /// Whether a renewal unsubscribed from requests and waits for the hub to confirm.
+    draining: bool,
+    /// Answers taken out of the client for a renewal, sent on the new connection.
+    carried: Vec<Request>,
+    /// The request id of the next twin request.
+    next_rid: u64,
+}
+
+impl Hub {
+    /// Sets fresh credentials on `options` (a new token when the key can sign one), and
+    /// when to renew them.
+    fn sign(&mut self, options: &mut MqttOptions) -> Result<(), EndpointError> {
+        let (password, expiry) = self.endpoint.password(unix_now())?;
+        options.set_credentials(self.endpoint.username(), password);
+        self.draining = false;
+        self.renew_at = expiry
+            .filter(|_| self.endpoint.signs_tokens())
+            .map(|expiry| {
+                // From the exact time, not the whole second the token was signed in.
+                let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(expiry);
+                let life = expires
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                Instant::now() + life - (life / 5).min(RENEW_AHEAD)
+            });
+        Ok(())
+    }
+
+    /// What the device presents, for messages.
+    fn credential(&self) -> &'static str {
+        match self.endpoint.connection.auth {
+            edge_proto::iothub::DeviceAuth::SharedAccessKey(_) => {
+                "token, just signed with the connection string's key"
+            }
+            edge_proto::iothub::DeviceAuth::SharedAccessSignature(_) => {
+                "connection string's SharedAccessSignature"
+            }
+            edge_proto::iothub::DeviceAuth::X509 => "client certificate",
+        }
+    }
 }
 
 /// The device's MQTT session.
@@ -66,94 +171,219 @@ pub struct Session {
     /// Refusals (topic, body) not yet taken by the client's outgoing queue, oldest
     /// first; sent as the queue drains.
     owed: VecDeque<(String, Vec<u8>)>,
+    /// Set when connected to IoT Hub rather than to a broker.
+    hub: Option<Hub>,
 }
 
 impl Session {
     /// A session that has not connected yet; [`Session::run`] connects.
+    ///
+    /// # Errors
+    /// When TLS cannot be set up, or no token can be made.
     pub fn new(
         config: SessionConfig,
         dispatcher: Arc<Dispatcher>,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Self> {
-        let namespace = Arc::new(config.namespace);
-        let mut options =
-            MqttOptions::new(&config.device_id, &config.broker.host, config.broker.port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_last_will(LastWill::new(
-                namespace.presence_topic(),
-                presence_json(false, Some("connection-lost")),
-                QoS::AtLeastOnce,
-                true,
-            ));
-        config
-            .security
-            .apply(&config.broker, &mut options)
-            .with_context(|| format!("cannot set up the connection to {}", config.broker))?;
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
-        let mut network = NetworkOptions::new();
-        // Without it, each answer can stall ~40 ms on a delayed ACK (Nagle).
-        network.set_tcp_nodelay(true);
-        network.set_connection_timeout(5);
-        eventloop.set_network_options(network);
+        let (options, namespace, hub) = match config.link {
+            Link::Broker {
+                broker,
+                device_id,
+                namespace,
+                security,
+            } => {
+                let mut options =
+                    edge_proto::client::options(&device_id, &broker, &security, KEEP_ALIVE)
+                        .with_context(|| format!("cannot set up the connection to {broker}"))?;
+                options.set_last_will(LastWill::new(
+                    namespace.presence_topic(),
+                    presence_json(false, Some("connection-lost")),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+                (options, namespace, None)
+            }
+            Link::IotHub(endpoint) => {
+                let (mut options, _expiry) =
+                    endpoint.options(KEEP_ALIVE, unix_now()).with_context(|| {
+                        format!(
+                            "cannot set up the connection to IoT Hub {}",
+                            endpoint.connection.connect_host()
+                        )
+                    })?;
+                // IoT Hub's topics are bare: the device's namespace is empty.
+                let namespace = Namespace::new("", &endpoint.connection.device_id)
+                    .context("invalid DeviceId in the connection string")?;
+                let mut hub = Hub {
+                    endpoint,
+                    renew_at: None,
+                    draining: false,
+                    carried: Vec::new(),
+                    next_rid: 1,
+                };
+                hub.sign(&mut options)?;
+                (options, namespace, Some(hub))
+            }
+        };
+        let (client, eventloop) = edge_proto::client::start(options, 1024, CONNECT_TIMEOUT);
         Ok(Self {
             client,
             eventloop,
-            namespace,
+            namespace: Arc::new(namespace),
             dispatcher,
             registry,
             calls: JoinSet::new(),
             max_pending: config.max_pending,
             owed: VecDeque::new(),
+            hub,
         })
     }
 
     /// Serves until `shutdown` completes, then marks the device offline, answers the
     /// calls in flight (for at most [`SHUTDOWN_GRACE`]) and disconnects. Connection
-    /// failures never end it: it backs off and reconnects.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    /// failures do not end it: it backs off and reconnects (on IoT Hub with a fresh
+    /// token).
+    ///
+    /// # Errors
+    /// Only on IoT Hub: when the hub refuses credentials that were just made, or when
+    /// no token can be made any more (a ready token that expired).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), SessionError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Backoff::default();
         let mut changes = self.registry.subscribe();
-        loop {
+        let result = loop {
             // Every event can have made room in the client's outgoing queue.
             self.pay_owed();
+            let renew_at = self.hub.as_ref().and_then(|hub| hub.renew_at);
             tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown => break Ok(()),
                 Some(_) = self.calls.join_next() => {}
                 Ok(()) = changes.changed() => self.publish_catalog(),
+                () = sleep_until(renew_at) => {
+                    if let Err(error) = self.renew() {
+                        break Err(error.into());
+                    }
+                }
                 event = self.eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
                         self.on_connect();
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
+                    Ok(Event::Incoming(Packet::UnsubAck(_))) if self.hub.as_ref().is_some_and(|hub| hub.draining) => {
+                        if let Err(error) = self.reconnect() {
+                            break Err(error.into());
+                        }
+                    }
                     Ok(_) => {}
                     Err(error) => {
+                        if let Err(fatal) = self.on_connection_error(&error) {
+                            break Err(fatal);
+                        }
                         let delay = backoff.next_delay();
                         tracing::warn!(%error, retry_in_ms = delay.as_millis(), "MQTT connection failed");
                         tokio::select! {
-                            () = &mut shutdown => break,
+                            () = &mut shutdown => break Ok(()),
                             () = tokio::time::sleep(delay) => {}
                         }
                     }
                 },
             }
-        }
+        };
         self.shut_down().await;
+        result
     }
 
-    /// Publishes the method catalog, retained: on every connection and every change.
+    /// On IoT Hub, a failed connection is retried with a fresh token; a refusal of
+    /// credentials that were just made ends the session (retrying would only hammer
+    /// the hub), as does a ready token that expired.
+    fn on_connection_error(&mut self, error: &ConnectionError) -> Result<(), SessionError> {
+        let Some(hub) = &mut self.hub else {
+            return Ok(());
+        };
+        if let ConnectionError::ConnectionRefused(
+            code @ (ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword),
+        ) = error
+        {
+            return Err(SessionError::Refused {
+                code: *code,
+                what: hub.credential(),
+            });
+        }
+        hub.sign(&mut self.eventloop.mqtt_options)?;
+        Ok(())
+    }
+
+    /// Renews the token before it expires (IoT Hub would then disconnect the device):
+    /// first unsubscribes from requests, so that none is sent to a connection about to
+    /// close; once the hub confirms (or after [`RENEW_DRAIN`]), [`Session::reconnect`].
+    fn renew(&mut self) -> Result<(), EndpointError> {
+        let Some(hub) = &mut self.hub else {
+            return Ok(());
+        };
+        if hub.draining {
+            tracing::warn!("no UNSUBACK from the hub; reconnecting anyway");
+            return self.reconnect();
+        }
+        hub.draining = true;
+        hub.renew_at = Some(Instant::now() + RENEW_DRAIN);
+        if let Err(error) = self.client.try_unsubscribe(self.namespace.request_filter()) {
+            tracing::warn!(%error, "could not queue the unsubscription; reconnecting at once");
+            return self.reconnect();
+        }
+        Ok(())
+    }
+
+    /// Reconnects with a fresh token. Answers not yet acknowledged are carried over to
+    /// the new connection: the hub matches answers by request id, whichever connection
+    /// brings them.
+    fn reconnect(&mut self) -> Result<(), EndpointError> {
+        let Some(hub) = &mut self.hub else {
+            return Ok(());
+        };
+        hub.sign(&mut self.eventloop.mqtt_options)?;
+        // Drops the connection, and moves what was not yet acknowledged (and what
+        // waits in the client's queue) to the event loop's pending list, which a new
+        // clean session would clear: keep the answers aside until it is up.
+        self.eventloop.clean();
+        hub.carried.extend(
+            self.eventloop
+                .pending
+                .drain(..)
+                .filter(|request| matches!(request, Request::Publish(_))),
+        );
+        tracing::info!(
+            carried = hub.carried.len(),
+            "reconnecting to IoT Hub with a fresh SAS token"
+        );
+        Ok(())
+    }
+
+    /// Publishes the method catalog on every connection and every change: retained on
+    /// the broker, or as the twin's reported properties on IoT Hub.
     ///
     /// The registry bounds the catalog well under [`MAX_PACKET`]; should one still not
     /// fit, it is not queued (the client would drop the connection over it, again on
     /// every reconnect): the broker keeps the previous catalog, and the log says why.
-    fn publish_catalog(&self) {
-        let topic = self.namespace.catalog_topic();
-        let catalog = serde_json::to_vec(&self.registry.catalog()).unwrap_or_default();
-        let packet = catalog.len() + topic.len() + PUBLISH_OVERHEAD;
+    fn publish_catalog(&mut self) {
+        let catalog = self.registry.catalog();
+        let (topic, payload, retain) = match &mut self.hub {
+            None => (
+                self.namespace.catalog_topic(),
+                serde_json::to_vec(&catalog).unwrap_or_default(),
+                true,
+            ),
+            Some(hub) => {
+                let rid = hub.next_rid;
+                hub.next_rid += 1;
+                (
+                    format!("{TWIN_REPORTED}{rid}"),
+                    serde_json::to_vec(&catalog.reported_properties()).unwrap_or_default(),
+                    false,
+                )
+            }
+        };
+        let packet = payload.len() + topic.len() + PUBLISH_OVERHEAD;
         if packet > MAX_PACKET {
             tracing::error!(
                 bytes = packet,
@@ -164,15 +394,31 @@ impl Session {
         }
         if let Err(error) = self
             .client
-            .try_publish(topic, QoS::AtLeastOnce, true, catalog)
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
         {
             tracing::error!(%error, "could not queue the method catalog");
         }
     }
 
-    /// Subscribes to requests and publishes presence and catalog, on every connection.
-    fn on_connect(&self) {
-        tracing::info!(request_filter = %self.namespace.request_filter(), "connected to the broker");
+    /// Subscribes to requests and announces the device, on every connection: presence
+    /// and catalog retained on a broker; on IoT Hub, the catalog in the twin, and the
+    /// answers carried over a token renewal.
+    fn on_connect(&mut self) {
+        tracing::info!(request_filter = %self.namespace.request_filter(), "connected");
+        if let Some(hub) = &mut self.hub {
+            // The new session cleared the event loop's pending list: what a renewal
+            // carried over goes out first.
+            self.eventloop.pending.extend(hub.carried.drain(..));
+            let queued = self
+                .client
+                .try_subscribe(self.namespace.request_filter(), QoS::AtMostOnce)
+                .and_then(|()| self.client.try_subscribe(TWIN_RESPONSES, QoS::AtMostOnce));
+            if let Err(error) = queued {
+                tracing::error!(%error, "could not queue the subscriptions");
+            }
+            self.publish_catalog();
+            return;
+        }
         self.publish_catalog();
         let queued = self
             .client
@@ -190,8 +436,25 @@ impl Session {
         }
     }
 
+    /// An answer of the hub to a twin request: a refused catalog is worth a warning.
+    fn on_twin_response(topic: &str) {
+        let status = topic
+            .strip_prefix(TWIN_RESPONSE_PREFIX)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        if status.starts_with('2') {
+            tracing::debug!(%topic, "the hub took the reported catalog");
+        } else {
+            tracing::warn!(%topic, "the hub refused the reported catalog");
+        }
+    }
+
     /// Starts serving one request, or logs why it cannot be answered.
     fn on_publish(&mut self, publish: rumqttc::Publish) {
+        if self.hub.is_some() && publish.topic.starts_with(TWIN_RESPONSE_PREFIX) {
+            Self::on_twin_response(&publish.topic);
+            return;
+        }
         let (request_id, call) = match self.namespace.parse_request(&publish.topic) {
             Ok(request) => (
                 request.request_id.to_owned(),
@@ -274,10 +537,10 @@ impl Session {
     /// Marks the device offline, lets the calls in flight answer, and disconnects.
     async fn shut_down(mut self) {
         tracing::info!(in_flight = self.calls.len(), "shutting down");
-        let queued = self
-            .client
-            .try_unsubscribe(self.namespace.request_filter())
-            .and_then(|()| {
+        let mut queued = self.client.try_unsubscribe(self.namespace.request_filter());
+        // IoT Hub knows by itself that the device left; a broker is told.
+        if self.hub.is_none() {
+            queued = queued.and_then(|()| {
                 self.client.try_publish(
                     self.namespace.presence_topic(),
                     QoS::AtLeastOnce,
@@ -285,8 +548,9 @@ impl Session {
                     presence_json(false, Some("shutdown")),
                 )
             });
+        }
         if let Err(error) = queued {
-            tracing::warn!(%error, "could not queue the offline presence");
+            tracing::warn!(%error, "could not queue the unsubscription and offline presence");
         }
         let grace = tokio::time::sleep(SHUTDOWN_GRACE);
         tokio::pin!(grace);
@@ -349,6 +613,14 @@ impl Session {
         {
             tracing::debug!("the broker did not close the connection after DISCONNECT");
         }
+    }
+}
+
+/// Completes at `at`, or never.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

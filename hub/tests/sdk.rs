@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{TestHub, loopback, python, script};
+use common::{TestHub, loopback, python, script, service, service_with};
 use edge_invoker::{CallRequest, Caller, ConnectOptions};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -92,31 +92,6 @@ impl SdkDevice {
     }
 }
 
-/// Runs `service.py` with `args` against `hub` (with `connection_string`, else the
-/// owner's) and returns the JSON it printed.
-async fn service(hub: &TestHub, args: &[&str]) -> serde_json::Value {
-    service_with(hub, &hub.service_string(), args).await
-}
-
-async fn service_with(hub: &TestHub, connection_string: &str, args: &[&str]) -> serde_json::Value {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        Command::new(python())
-            .arg(script("service.py"))
-            .args(args)
-            .env("EDGE_SERVICE_CONNECTION_STRING", connection_string)
-            .env("REQUESTS_CA_BUNDLE", hub.ca())
-            .stderr(Stdio::inherit())
-            .output(),
-    )
-    .await
-    .expect("service.py finished")
-    .unwrap();
-    assert!(out.status.success(), "service.py {args:?} failed");
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
 fn assert_service_error(answer: &serde_json::Value, code: u32) {
     assert_eq!(answer["httpStatus"], code / 1000, "{answer}");
     assert_eq!(answer["error"]["errorCode"], code, "{answer}");
@@ -167,25 +142,7 @@ async fn the_sdk_service_calls_an_edge_host_on_the_backend() {
     ))
     .await
     .unwrap();
-    let answer = service(
-        &hub,
-        &[
-            "invoke",
-            "edge-1",
-            "DeviceMethod",
-            r#"{"method_number":"42"}"#,
-        ],
-    )
-    .await;
-    assert_eq!(
-        answer,
-        json!({"status":200,"payload":{"Response":"This is the response from the device"}})
-    );
-    let answer = service(&hub, &["invoke", "edge-1", "noSuchMethod", "null"]).await;
-    assert_eq!(
-        answer["status"], 404,
-        "the handler host's own 404: {answer}"
-    );
+    common::the_sdk_service_calls_device_method(&hub, "edge-1").await;
     host.stop().await.unwrap();
     hub.stop().await;
 }

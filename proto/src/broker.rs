@@ -94,6 +94,14 @@ impl FromStr for BrokerUrl {
     }
 }
 
+/// As a string in a config file: `broker = "mqtt://host:port"`.
+impl<'de> serde::Deserialize<'de> for BrokerUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let url = String::deserialize(de)?;
+        url.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };

@@ -510,6 +510,210 @@ pub fn decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The api-version devices name in their MQTT username, as the SDKs do.
+pub const API_VERSION: &str = "2021-04-12";
+
+/// The path of MQTT over WebSockets on IoT Hub's HTTPS port.
+pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
+
+/// How a device reaches IoT Hub: the SDKs' `MQTT` and `MQTT_WS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HubTransport {
+    /// MQTT 3.1.1 over TLS, port 8883.
+    #[default]
+    Mqtt,
+    /// MQTT over WebSockets over TLS, port 443, at [`WEBSOCKET_PATH`].
+    MqttWs,
+}
+
+impl HubTransport {
+    /// IoT Hub's port for this transport.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Mqtt => 8883,
+            Self::MqttWs => 443,
+        }
+    }
+}
+
+impl FromStr for HubTransport {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "mqtt" => Ok(Self::Mqtt),
+            "mqtt-ws" => Ok(Self::MqttWs),
+            other => Err(format!(
+                "unknown transport '{other}' (expected mqtt or mqtt-ws)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for HubTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mqtt => "mqtt",
+            Self::MqttWs => "mqtt-ws",
+        })
+    }
+}
+
+/// Why a device cannot connect to IoT Hub with what it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The connection string's key cannot sign a token.
+    #[error("cannot sign a token with the connection string's SharedAccessKey: {0}")]
+    Sas(#[from] SasError),
+    /// The connection string's ready token cannot be read.
+    #[error("the connection string's SharedAccessSignature cannot be used: {0}")]
+    ReadyToken(SasError),
+    /// The connection string's ready token expired; it cannot be renewed here.
+    #[error(
+        "the connection string's SharedAccessSignature expired at {expiry} (now {now}); a ready \
+         token cannot be renewed: give a connection string with SharedAccessKey, or a fresh token"
+    )]
+    ReadyTokenExpired {
+        /// When it expired, unix seconds.
+        expiry: u64,
+        /// Now, unix seconds.
+        now: u64,
+    },
+    /// `x509=true` without a client certificate and key.
+    #[error(
+        "the connection string says x509=true: give the device's certificate and key (--cert-file and --key-file)"
+    )]
+    X509WithoutCertificate,
+    /// TLS cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::transport::TransportError),
+}
+
+/// Everything a device needs to connect to IoT Hub (or to a gateway, or edge-hub).
+#[derive(Clone)]
+pub struct DeviceEndpoint {
+    /// Who the device is, which hub, and how it authenticates.
+    pub connection: DeviceConnectionString,
+    /// MQTT or MQTT over WebSockets.
+    pub transport: HubTransport,
+    /// The port, when not IoT Hub's for the transport (tests, gateways).
+    pub port: Option<u16>,
+    /// TLS: the CA to trust (the system's roots if none), and the client certificate
+    /// for `x509=true`.
+    pub tls: crate::transport::TlsFiles,
+    /// How long the tokens signed here live.
+    pub token_lifetime: std::time::Duration,
+}
+
+impl fmt::Debug for DeviceEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceEndpoint")
+            .field("connection", &self.connection)
+            .field("transport", &self.transport)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("token_lifetime", &self.token_lifetime)
+            .finish()
+    }
+}
+
+impl DeviceEndpoint {
+    /// The port connected to.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(self.transport.default_port())
+    }
+
+    /// The MQTT client id: the device id, or `{device}/{module}` for a module.
+    pub fn client_id(&self) -> String {
+        match &self.connection.module_id {
+            Some(module) => format!("{}/{module}", self.connection.device_id),
+            None => self.connection.device_id.clone(),
+        }
+    }
+
+    /// The MQTT username: `{hub}/{client id}/?api-version=..`.
+    pub fn username(&self) -> String {
+        format!(
+            "{}/{}/?api-version={API_VERSION}",
+            self.connection.host_name,
+            self.client_id()
+        )
+    }
+
+    /// Whether a token can be signed here (a `SharedAccessKey`), so that an expiring
+    /// or refused token is a reason to sign afresh.
+    pub fn signs_tokens(&self) -> bool {
+        matches!(self.connection.auth, DeviceAuth::SharedAccessKey(_))
+    }
+
+    /// The MQTT password for a connection made at `now` (unix seconds), and when it
+    /// expires: a token signed for [`DeviceEndpoint::token_lifetime`], the connection
+    /// string's ready token, or none with X.509.
+    ///
+    /// # Errors
+    /// When the key cannot sign, or the ready token is malformed or expired.
+    pub fn password(&self, now: u64) -> Result<(String, Option<u64>), EndpointError> {
+        match &self.connection.auth {
+            DeviceAuth::SharedAccessKey(key) => {
+                let expiry = now.saturating_add(self.token_lifetime.as_secs().max(1));
+                Ok((
+                    sign(&self.connection.resource(), key, expiry, None)?,
+                    Some(expiry),
+                ))
+            }
+            DeviceAuth::SharedAccessSignature(token) => {
+                let parsed = SasToken::parse(token).map_err(EndpointError::ReadyToken)?;
+                if parsed.expiry <= now {
+                    return Err(EndpointError::ReadyTokenExpired {
+                        expiry: parsed.expiry,
+                        now,
+                    });
+                }
+                Ok((token.clone(), Some(parsed.expiry)))
+            }
+            DeviceAuth::X509 => Ok((String::new(), None)),
+        }
+    }
+
+    /// The MQTT options of a connection made at `now` (unix seconds), and when its
+    /// token expires (none with X.509): TLS always, over WebSockets for
+    /// [`HubTransport::MqttWs`]; the username and password IoT Hub expects; the
+    /// limits of [`crate::client::options`].
+    ///
+    /// # Errors
+    /// As [`DeviceEndpoint::password`], and when TLS cannot be set up.
+    pub fn options(
+        &self,
+        keep_alive: std::time::Duration,
+        now: u64,
+    ) -> Result<(rumqttc::MqttOptions, Option<u64>), EndpointError> {
+        if matches!(self.connection.auth, DeviceAuth::X509)
+            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
+        {
+            return Err(EndpointError::X509WithoutCertificate);
+        }
+        let (password, expiry) = self.password(now)?;
+        let tls = rumqttc::TlsConfiguration::Rustls(self.tls.client_config()?);
+        let host = self.connection.connect_host();
+        let (address, transport) = match self.transport {
+            HubTransport::Mqtt => (host.to_owned(), rumqttc::Transport::Tls(tls)),
+            HubTransport::MqttWs => (
+                format!("wss://{host}:{}{WEBSOCKET_PATH}", self.port()),
+                rumqttc::Transport::Wss(tls),
+            ),
+        };
+        let mut options = rumqttc::MqttOptions::new(self.client_id(), address, self.port());
+        options
+            .set_clean_session(true)
+            .set_keep_alive(keep_alive.max(std::time::Duration::from_secs(1)))
+            .set_max_packet_size(crate::client::MAX_PACKET, crate::client::MAX_PACKET)
+            .set_transport(transport)
+            .set_credentials(self.username(), password);
+        Ok((options, expiry))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,14 @@
 //! Layout:
 //! - [`backoff`]: how long to wait before reconnecting to a broker.
 //! - [`broker`]: the broker address, `mqtt://host:port`.
+//! - [`client`]: the one place an MQTT client is made (limits, `TCP_NODELAY`, timeouts).
 //! - [`topic`]: the per-device namespace and Azure IoT Hub's direct-method topics under
 //!   it: building them and parsing them back, with the names checked.
 //! - [`transport`]: TLS and credentials, applied to the MQTT client's options.
 //! - [`status`]: the statuses and error bodies the host answers with itself, and the
 //!   service-side error codes a caller sees (404103, 504101, 400004).
-//! - [`iothub`]: Azure IoT Hub's own dialect: connection strings, and SAS tokens
-//!   signed and verified.
+//! - [`iothub`]: Azure IoT Hub's own dialect: connection strings, SAS tokens signed and
+//!   verified, and a device's connection to a hub (MQTT or MQTT over WebSockets).
 //! - [`message`]: the retained presence and method-catalog documents, and the payload
 //!   rules (size, JSON).
 //!
@@ -18,6 +19,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod client;
 pub mod iothub;
 pub mod message;
 pub mod status;

@@ -33,6 +33,11 @@ pub struct Presence {
 /// 128 KiB payloads with the catalog in it, and holds about a thousand methods.
 pub const CATALOG_MAX_BYTES: usize = 256 * 1024;
 
+/// The most a catalog reported as twin properties (IoT Hub) takes as JSON: IoT Hub
+/// holds at most 32 KiB of reported properties per device, and the rest is left for
+/// the device's other properties.
+pub const TWIN_CATALOG_MAX_BYTES: usize = 24 * 1024;
+
 /// The longest method description kept in a catalog, in bytes; the rest is cut, and
 /// the cut marked. A description is a line or two for people.
 pub const CATALOG_MAX_DESCRIPTION: usize = 1024;
@@ -41,10 +46,6 @@ pub const CATALOG_MAX_DESCRIPTION: usize = 1024;
 /// marked. Enough for an error chain with a parser's snippet; the host's log has it
 /// whole.
 pub const CATALOG_MAX_ERROR: usize = 4096;
-
-/// The share of [`CATALOG_MAX_BYTES`] that failures may take, so that a folder full of
-/// broken files never pushes the served methods out of the catalog.
-const CATALOG_FAILURES_BYTES: usize = 64 * 1024;
 
 /// Room kept for the document around its lists: the field names and both counts.
 const CATALOG_ENVELOPE_BYTES: usize = 256;
@@ -80,9 +81,21 @@ impl Catalog {
     /// The catalog of `methods` and `failures`, sorted, within [`CATALOG_MAX_BYTES`]
     /// as JSON: each description is cut to [`CATALOG_MAX_DESCRIPTION`] bytes and each
     /// failure text to [`CATALOG_MAX_ERROR`] (a cut text ends with `…[N bytes cut]`);
-    /// failures take at most a quarter of the room, methods the rest, and whatever
+    /// failures take at most a quarter of the room (so that a folder full of broken
+    /// files never pushes the served methods out), methods the rest, and whatever
     /// does not fit is counted in `failures_omitted` and `methods_omitted`.
-    pub fn bounded(mut methods: Vec<CatalogEntry>, mut failures: Vec<CatalogFailure>) -> Self {
+    pub fn bounded(methods: Vec<CatalogEntry>, failures: Vec<CatalogFailure>) -> Self {
+        Self::bounded_to(methods, failures, CATALOG_MAX_BYTES)
+    }
+
+    /// As [`Catalog::bounded`], within `max_bytes` (at least 1 KiB): failures take at
+    /// most a quarter of it.
+    pub fn bounded_to(
+        mut methods: Vec<CatalogEntry>,
+        mut failures: Vec<CatalogFailure>,
+        max_bytes: usize,
+    ) -> Self {
+        let max_bytes = max_bytes.max(1024);
         methods.sort_by(|a, b| a.name.cmp(&b.name));
         failures.sort_by(|a, b| a.handler.cmp(&b.handler));
         for method in &mut methods {
@@ -91,8 +104,8 @@ impl Catalog {
         for failure in &mut failures {
             cut(&mut failure.error, CATALOG_MAX_ERROR);
         }
-        let (failures_kept, failures_bytes) = fitting(&failures, CATALOG_FAILURES_BYTES);
-        let room = CATALOG_MAX_BYTES - CATALOG_ENVELOPE_BYTES - failures_bytes;
+        let (failures_kept, failures_bytes) = fitting(&failures, max_bytes / 4);
+        let room = max_bytes - CATALOG_ENVELOPE_BYTES - failures_bytes;
         let (methods_kept, _) = fitting(&methods, room);
         let methods_omitted = methods.len() - methods_kept;
         let failures_omitted = failures.len() - failures_kept;
@@ -108,6 +121,24 @@ impl Catalog {
 }
 
 impl Catalog {
+    /// The catalog as an IoT Hub twin's reported properties patch:
+    /// `{"methods":[..],"failures":[..],"methodsOmitted":N,"failuresOmitted":N}`, every
+    /// key always present (a key left out of a patch keeps its old value), within
+    /// [`TWIN_CATALOG_MAX_BYTES`].
+    pub fn reported_properties(&self) -> serde_json::Value {
+        let fitted = Self::bounded_to(
+            self.methods.clone(),
+            self.failures.clone(),
+            TWIN_CATALOG_MAX_BYTES,
+        );
+        serde_json::json!({
+            "methods": fitted.methods,
+            "failures": fitted.failures,
+            "methodsOmitted": fitted.methods_omitted + self.methods_omitted,
+            "failuresOmitted": fitted.failures_omitted + self.failures_omitted,
+        })
+    }
+
     /// How many methods the device serves, listed or left out.
     pub fn methods_served(&self) -> usize {
         self.methods.len() + self.methods_omitted
@@ -324,6 +355,29 @@ mod tests {
                 "e".repeat(CATALOG_MAX_ERROR),
                 4 * CATALOG_MAX_ERROR
             )
+        );
+    }
+
+    #[test]
+    fn the_twin_patch_names_every_key_and_fits_iot_hubs_limit() {
+        let methods: Vec<CatalogEntry> = (0..2000)
+            .map(|i| entry(&format!("m{i:05}"), "does a thing"))
+            .collect();
+        let patch = Catalog::bounded(methods, Vec::new()).reported_properties();
+        let len = serde_json::to_vec(&patch).expect("JSON").len();
+        assert!(len <= TWIN_CATALOG_MAX_BYTES, "{len}");
+        let listed = patch["methods"].as_array().expect("a list").len();
+        assert!(listed > 0);
+        assert_eq!(
+            listed + patch["methodsOmitted"].as_u64().expect("a count") as usize,
+            2000
+        );
+        // An empty list and zero counts are sent, not left out: a key missing from a
+        // patch would keep the twin's previous value.
+        let empty = Catalog::default().reported_properties();
+        assert_eq!(
+            empty,
+            serde_json::json!({"methods": [], "failures": [], "methodsOmitted": 0, "failuresOmitted": 0})
         );
     }
 

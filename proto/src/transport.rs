@@ -21,8 +21,10 @@ use rustls::{ClientConfig, RootCertStore};
 
 use crate::BrokerUrl;
 
-/// TLS settings: the files to trust and to present.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// TLS settings: the files to trust and to present (also a config-file table:
+/// `ca_file`, `cert_file`, `key_file`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TlsFiles {
     /// PEM file of the CA certificates to trust; none trusts the system's roots.
     pub ca_file: Option<PathBuf>,
@@ -57,6 +59,31 @@ impl std::fmt::Debug for Security {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .finish()
+    }
+}
+
+/// A secret setting (a connection string, a key): shown as `<hidden>` by `Debug`, so
+/// that a logged configuration never carries it.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
     }
 }
 
@@ -146,12 +173,26 @@ impl Security {
     /// The TLS transport: the CA file's certificates or the system's roots, and the
     /// client certificate when one is given.
     fn transport(&self) -> Result<Transport, TransportError> {
-        let client_auth = match (&self.tls.cert_file, &self.tls.key_file) {
+        Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
+            self.tls.client_config()?,
+        )))
+    }
+}
+
+impl TlsFiles {
+    /// The TLS client configuration: the CA file's certificates or the system's roots,
+    /// and the client certificate when one is given.
+    ///
+    /// # Errors
+    /// When a file cannot be read or holds nothing usable, half a client certificate
+    /// is given, or the system has no CA certificate and no CA file is given.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TransportError> {
+        let client_auth = match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             _ => return Err(TransportError::HalfClientAuth),
         };
-        let roots = match &self.tls.ca_file {
+        let roots = match &self.ca_file {
             Some(ca) => {
                 let mut roots = RootCertStore::empty();
                 roots.add_parsable_certificates(certificates(ca, "CA file")?);
@@ -175,9 +216,7 @@ impl Security {
                 .map_err(TransportError::ClientAuth)?,
             None => builder.with_no_client_auth(),
         };
-        Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(config),
-        )))
+        Ok(Arc::new(config))
     }
 }
 

@@ -925,3 +925,24 @@ impl Mosquitto {
         ))
     }
 }
+
+/// Polls `check` every 50 ms until it gives a value, and returns it; panics naming
+/// `what` if none came within `timeout`. For what a test waits to see happen (a file
+/// reloaded, a twin updated), never for how fast it happens.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use rumqttc::{
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::Command;
 
 /// A hub in this process, on its own data folder, with a Mosquitto backend.
 pub struct TestHub {
@@ -418,4 +420,57 @@ pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(name)
+}
+
+/// Runs `service.py` with `args` against `hub` (with `connection_string`, else the
+/// owner's) and returns the JSON it printed.
+pub async fn service(hub: &TestHub, args: &[&str]) -> serde_json::Value {
+    service_with(hub, &hub.service_string(), args).await
+}
+
+pub async fn service_with(
+    hub: &TestHub,
+    connection_string: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(python())
+            .arg(script("service.py"))
+            .args(args)
+            .env("EDGE_SERVICE_CONNECTION_STRING", connection_string)
+            .env("REQUESTS_CA_BUNDLE", hub.ca())
+            .stderr(Stdio::inherit())
+            .output(),
+    )
+    .await
+    .expect("service.py finished")
+    .unwrap();
+    assert!(out.status.success(), "service.py {args:?} failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The SDK service calls `device`, an edge-host serving the example handler
+/// device-method: `DeviceMethod` answers 200, an unknown method gets the host's 404.
+pub async fn the_sdk_service_calls_device_method(hub: &TestHub, device: &str) {
+    let answer = service(
+        hub,
+        &[
+            "invoke",
+            device,
+            "DeviceMethod",
+            r#"{"method_number":"42"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(
+        answer,
+        serde_json::json!({"status":200,"payload":{"Response":"This is the response from the device"}})
+    );
+    let answer = service(hub, &["invoke", device, "noSuchMethod", "null"]).await;
+    assert_eq!(
+        answer["status"], 404,
+        "the handler host's own 404: {answer}"
+    );
 }
