@@ -290,7 +290,11 @@ impl Session {
                 },
             }
         };
-        self.shut_down().await;
+        match result {
+            Ok(()) => self.shut_down().await,
+            // Not connected, and not to be: nothing to drain or to say goodbye to.
+            Err(_) => self.calls.abort_all(),
+        }
         result
     }
 
