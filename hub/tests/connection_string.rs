@@ -273,3 +273,54 @@ async fn a_wrong_key_stops_the_host_with_a_clear_error_instead_of_retrying() {
     assert!(error.contains("edge-host needs a device's"), "{error}");
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn an_edge_host_connects_with_an_x509_certificate() {
+    let hub = TestHub::start().await.unwrap();
+    let device = "cs-x509";
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![device.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    hub.add_device(device);
+    let [sha256, _] = edge_hub::pki::thumbprints(cert.der());
+    hub.hub
+        .registry
+        .set_thumbprints(device, vec![sha256])
+        .unwrap();
+    let handlers = testkit::HandlerDir::with(&["device-method"]).unwrap();
+    let connection_string = format!("HostName=localhost;DeviceId={device};x509=true");
+
+    // Without the certificate, the host says what is missing before connecting.
+    let config = HubHost::config(
+        &hub,
+        &connection_string,
+        HubTransport::Mqtt,
+        handlers.path(),
+    );
+    let error = format!(
+        "{:#}",
+        edge_host::run(config, std::future::pending())
+            .await
+            .expect_err("x509=true needs a certificate")
+    );
+    assert!(error.contains("--cert-file and --key-file"), "{error}");
+
+    let mut config = HubHost::config(
+        &hub,
+        &connection_string,
+        HubTransport::Mqtt,
+        handlers.path(),
+    );
+    config.tls.cert_file = Some(cert_file);
+    config.tls.key_file = Some(key_file);
+    let host = HubHost::start(&hub, device, config).await;
+    common::the_sdk_service_calls_device_method(&hub, device).await;
+    host.stop().await;
+    hub.stop().await;
+}
