@@ -139,11 +139,6 @@ impl CompileCache {
         }
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Whether the cache is in use: false when its folder or key was refused.
     pub fn is_active(&self) -> bool {
         self.key.is_some()

@@ -64,6 +64,32 @@ pub fn start(
     (client, eventloop)
 }
 
+/// Waits (blocking, polling every 5 ms) until something accepts TCP connections at
+/// `addr` (an unspecified address is reached on loopback): a broker just started on a
+/// thread or in a process, so that the first connection does not fail for nothing.
+///
+/// # Errors
+/// When nothing accepts within `timeout`.
+pub fn wait_listening(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let reach = match addr.ip() {
+        ip if ip.is_unspecified() => std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        _ => addr,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match std::net::TcpStream::connect(reach) {
+            Ok(_) => return Ok(()),
+            Err(error) if std::time::Instant::now() > deadline => {
+                return Err(std::io::Error::new(
+                    error.kind(),
+                    format!("nothing listens on {reach} after {timeout:?}: {error}"),
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

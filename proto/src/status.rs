@@ -3,9 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The status of a successful call, as handlers answer it.
-pub const OK: u16 = 200;
-
 /// Why the host answered a call itself instead of a handler answering it. Each has one
 /// status and one word (`code`) in the error body, both part of the wire contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

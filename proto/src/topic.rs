@@ -28,7 +28,6 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// Longest device id accepted, in bytes (IoT Hub's limit).
 pub const MAX_DEVICE_ID_LEN: usize = 128;
 
-const METHODS: &str = "$iothub/methods/";
 const POST: &str = "$iothub/methods/POST/";
 const RES: &str = "$iothub/methods/res/";
 const RID: &str = "$rid=";
@@ -251,13 +250,6 @@ impl Namespace {
             return None;
         }
         Some((prefix, parse_response_levels(&topic[at + RES.len()..])?))
-    }
-
-    /// Whether `topic` is one of IoT Hub's method topics in this namespace.
-    pub fn is_method_topic(&self, topic: &str) -> bool {
-        topic
-            .strip_prefix(self.prefix.as_str())
-            .is_some_and(|rest| rest.starts_with(METHODS))
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use edge_proto::client;
 use edge_proto::transport::Security;
 use edge_proto::{BrokerUrl, Namespace, Presence};
 use tempfile::TempDir;
@@ -156,18 +157,6 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Waits until something accepts TCP connections on `port`.
-fn wait_listening(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if started.elapsed() > timeout {
-            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// A Mosquitto broker of the test's own, on a free loopback port, with TCP_NODELAY
 /// on; killed when dropped.
 pub struct Mosquitto {
@@ -243,11 +232,6 @@ impl Mosquitto {
         Self::spawn(ports.to_vec(), dir)
     }
 
-    /// The folder holding the broker's configuration, for files it refers to.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     fn spawn(ports: Vec<u16>, dir: TempDir) -> anyhow::Result<Self> {
         let child = launch(&ports, dir.path())?;
         Ok(Self { child, ports, dir })
@@ -289,7 +273,10 @@ fn launch(ports: &[u16], dir: &Path) -> anyhow::Result<Child> {
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     for port in ports {
-        if let Err(e) = wait_listening(*port, Duration::from_secs(10)) {
+        if let Err(e) = client::wait_listening(
+            std::net::SocketAddr::from(([127, 0, 0, 1], *port)),
+            Duration::from_secs(10),
+        ) {
             let exited = child.try_wait().ok().flatten();
             child.kill().ok();
             child.wait().ok();
@@ -429,10 +416,8 @@ pub async fn presence_with(
 ) -> anyhow::Result<()> {
     let topic = Namespace::for_device(device_id)?.presence_topic();
     let client_id = format!("testkit-presence-{}-{}", std::process::id(), free_port()?);
-    let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
-    options.set_keep_alive(Duration::from_secs(5));
-    security.apply(broker, &mut options)?;
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let options = client::options(&client_id, broker, security, Duration::from_secs(5))?;
+    let (client, mut eventloop) = client::start(options, 10, client::CONNECT_TIMEOUT);
     let wait = async {
         loop {
             match eventloop.poll().await {
@@ -527,15 +512,11 @@ impl RawClient {
             Some(id) => id.clone(),
             None => format!("testkit-raw-{}-{}", std::process::id(), free_port()?),
         };
-        let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
-        options
-            .set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(4 << 20, 4 << 20);
-        raw.security.apply(broker, &mut options)?;
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        let mut options =
+            client::options(&client_id, broker, &raw.security, Duration::from_secs(5))?;
+        // Larger than the host's limit, to send it what it must refuse.
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut eventloop) = client::start(options, 100, client::CONNECT_TIMEOUT);
         let (tx, messages) = tokio::sync::mpsc::unbounded_channel();
         let (acked, subscribed) = tokio::sync::mpsc::unbounded_channel();
         let (connected, first) = tokio::sync::oneshot::channel::<Result<(), String>>();
@@ -679,12 +660,9 @@ pub async fn publish_once(
     retain: bool,
 ) -> anyhow::Result<Delivery> {
     let client_id = format!("testkit-once-{}-{}", std::process::id(), free_port()?);
-    let mut options = rumqttc::MqttOptions::new(client_id, &broker.host, broker.port);
-    options
-        .set_keep_alive(Duration::from_secs(5))
-        .set_max_packet_size(4 << 20, 4 << 20);
-    security.apply(broker, &mut options)?;
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let mut options = client::options(&client_id, broker, security, Duration::from_secs(5))?;
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = client::start(options, 10, client::CONNECT_TIMEOUT);
     let run = async {
         let mut published = false;
         loop {
