@@ -167,10 +167,10 @@ impl Sandbox {
             wasmtime::bail!("invalid grants: {error:#}");
         }
         let component = self.component(wasm, digest)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .context("the component needs imports the host does not give")?;
+        let pre = match self.linker.instantiate_pre(&component) {
+            Ok(pre) => pre,
+            Err(error) => return Err(missing_imports(&self.engine, &component, error)),
+        };
         let pre = DeviceHandlerPre::new(pre)
             .context("the component does not implement the edge:methods handler world")?;
         let context = Arc::new(context);
@@ -185,6 +185,56 @@ impl Sandbox {
             warm: Mutex::new(Vec::new()),
         })
     }
+}
+
+/// The packages whose interfaces the host links (WASI 0.2 through wasmtime-wasi, and
+/// the handler's own host interface); an import from anywhere else cannot be given.
+const LINKED_PACKAGES: &[&str] = &[
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:filesystem/",
+    "wasi:io/",
+    "wasi:random/",
+    "wasi:sockets/",
+    "edge:methods/",
+];
+
+/// The load failure of a component the linker cannot satisfy: the imports the host
+/// does not give, by name, and what to do about them (wasmtime's own message follows
+/// as the cause).
+fn missing_imports(
+    engine: &Engine,
+    component: &Component,
+    error: wasmtime::Error,
+) -> wasmtime::Error {
+    let missing: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| {
+            !LINKED_PACKAGES
+                .iter()
+                .any(|package| name.starts_with(package))
+        })
+        .collect();
+    if missing.is_empty() {
+        // Known packages at a version or shape the host does not link.
+        return error.context(
+            "the component's imports do not match what the host gives (WASI 0.2 and \
+             edge:methods/host@0.1.0, see wit/handler.wit)",
+        );
+    }
+    let hint = if missing.iter().any(|name| name.starts_with("wasi:http/")) {
+        "; the host grants no network. A componentize-js build imports wasi:http unless \
+         built with disableFeatures: [\"http\", \"fetch-event\"] (see docs/handlers.md)"
+    } else {
+        "; the host gives only WASI 0.2 (cli, clocks, filesystem, io, random, sockets) and \
+         edge:methods/host: build the handler against wit/handler.wit's world"
+    };
+    error.context(format!(
+        "the component imports what the host does not give: {}{hint}",
+        missing.join(", ")
+    ))
 }
 
 /// Instantiates a freshly loaded handler and asks it which methods it serves, within

@@ -476,3 +476,53 @@ async fn a_sidecar_asking_more_than_the_host_allows_fails_to_load_with_why() {
     s.still_serves().await;
     s.host.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_importing_what_the_host_does_not_give_fails_naming_it_and_the_fix() {
+    let mut s = setup(&[("echo", None)]).await;
+    // As a default componentize-js build does: it imports wasi:http.
+    std::fs::write(
+        s.handlers.path().join("fetches.wasm"),
+        r#"(component
+            (import "wasi:http/outgoing-handler@0.2.3" (instance (export "handle" (func))))
+            (import "acme:tools/magic@1.0.0" (instance (export "wave" (func)))))"#,
+    )
+    .expect("written");
+    // Known packages at a version the host does not link.
+    std::fs::write(
+        s.handlers.path().join("future.wasm"),
+        r#"(component (import "wasi:cli/environment@0.3.0" (instance (export "get-arguments" (func)))))"#,
+    )
+    .expect("written");
+    let catalog = testkit::catalog_until(&s.host.broker, DEVICE, |c| c.failures.len() == 2)
+        .await
+        .expect("both are reported");
+    let why = |file: &str| {
+        catalog
+            .failures
+            .iter()
+            .find(|f| f.handler == file)
+            .map(|f| f.error.clone())
+            .unwrap_or_default()
+    };
+    let fetches = why("fetches.wasm");
+    assert!(
+        fetches.contains(
+            "the component imports what the host does not give: \
+             wasi:http/outgoing-handler@0.2.3, acme:tools/magic@1.0.0"
+        ),
+        "{fetches}"
+    );
+    assert!(
+        fetches.contains(r#"disableFeatures: ["http", "fetch-event"]"#),
+        "{fetches}"
+    );
+    let future = why("future.wasm");
+    assert!(
+        future.contains("the component's imports do not match what the host gives"),
+        "{future}"
+    );
+    assert!(future.contains("wasi:cli/environment@0.3.0"), "{future}");
+    s.still_serves().await;
+    s.host.stop().await.expect("clean stop");
+}
