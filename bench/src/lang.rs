@@ -13,8 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge_host::call::HandlerContext;
 use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
-use edge_host::sandbox::{HandlerCode, HandlerContext, Request, Sandbox, SandboxConfig};
+use edge_host::sandbox::{HandlerCode, Request, Sandbox, SandboxConfig};
 use sha2::{Digest as _, Sha256};
 
 use crate::stats::{Samples, us};

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge_host::call::HandlerContext;
 use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
-use edge_host::sandbox::{HandlerContext, Request, Sandbox, SandboxConfig};
+use edge_host::sandbox::{Request, Sandbox, SandboxConfig};
 
 use crate::stats::{Samples, us};
 

@@ -13,8 +13,6 @@ use edge_proto::iothub::{ConnectionString, DeviceEndpoint, HubTransport};
 use edge_proto::transport::{Secret, TlsFiles};
 use serde::Deserialize;
 
-use crate::dispatch::DispatchLimits;
-
 /// Everything the host needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,6 +213,15 @@ impl Config {
 fn duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(de)?;
     humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// Per-call limits that hold for the whole host.
+#[derive(Debug, Clone)]
+pub struct DispatchLimits {
+    /// The largest request and response payload, in bytes.
+    pub max_payload: usize,
+    /// Calls that may run at once; past it, 503.
+    pub max_in_flight: usize,
 }
 
 /// Limits that hold for every call.

@@ -7,103 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use edge_proto::PayloadError;
 use edge_proto::message::json_payload;
-use edge_proto::{ErrorBody, ErrorCode, PayloadError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::call::{Answer, CallError};
+use crate::config::DispatchLimits;
 use crate::registry::Registry;
 use crate::sandbox::{Request, Spent};
-
-/// Why a call did not get a handler's answer. Each case maps to one status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    /// The method name breaks the protocol's naming rules.
-    #[error("{0}")]
-    InvalidMethod(String),
-    /// The payload is not UTF-8 JSON.
-    #[error("{0}")]
-    InvalidPayload(PayloadError),
-    /// The payload is over the limit.
-    #[error("{0}")]
-    PayloadTooLarge(PayloadError),
-    /// No loaded handler serves the method.
-    #[error("no handler serves method '{0}'")]
-    MethodNotFound(String),
-    /// A bound on calls in flight is reached: the host's, or the handler's own.
-    #[error("too many calls in flight ({scope} limit {limit}); try again later")]
-    TooManyCalls {
-        /// Whose bound: `host`, or the handler file.
-        scope: String,
-        /// The bound.
-        limit: usize,
-    },
-    /// The handler ran past its deadline.
-    #[error("the handler ran past its deadline of {} ms", .0.as_millis())]
-    Deadline(Duration),
-    /// The handler's linear memory hit its cap.
-    #[error("the handler exhausted its memory (limit {} MiB)", limit / (1024 * 1024))]
-    MemoryExhausted {
-        /// The cap, in bytes.
-        limit: usize,
-    },
-    /// The handler trapped (a panic, an unreachable, a failed instantiation).
-    #[error("the handler failed: {0}")]
-    Trapped(String),
-    /// The handler answered something that is not JSON, or too large.
-    #[error("the handler's answer is invalid: {0}")]
-    InvalidResponse(PayloadError),
-    /// The host is shutting down and takes no new calls.
-    #[error("the device is shutting down and takes no new calls")]
-    ShuttingDown,
-}
-
-impl CallError {
-    /// The protocol's error code (and so the status) for this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::InvalidMethod(_) => ErrorCode::InvalidMethod,
-            Self::InvalidPayload(_) => ErrorCode::InvalidJson,
-            Self::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
-            Self::MethodNotFound(_) => ErrorCode::MethodNotFound,
-            Self::TooManyCalls { .. } => ErrorCode::TooManyCalls,
-            Self::Deadline(_) => ErrorCode::DeadlineExceeded,
-            Self::MemoryExhausted { .. } | Self::Trapped(_) => ErrorCode::HandlerFailed,
-            Self::InvalidResponse(_) => ErrorCode::InvalidResponse,
-            Self::ShuttingDown => ErrorCode::ShuttingDown,
-        }
-    }
-
-    /// The status the caller sees.
-    pub fn status(&self) -> u16 {
-        self.code().status()
-    }
-
-    /// The answer the host publishes for this failure.
-    pub fn answer(&self) -> Answer {
-        Answer {
-            status: self.status(),
-            payload: ErrorBody::new(self.code(), self.to_string()).to_json(),
-        }
-    }
-}
-
-/// What goes back to the caller: a status and a JSON payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    /// The status, in the response topic.
-    pub status: u16,
-    /// The JSON payload.
-    pub payload: Vec<u8>,
-}
-
-/// Per-call limits that hold for the whole host.
-#[derive(Debug, Clone)]
-pub struct DispatchLimits {
-    /// The largest request and response payload, in bytes.
-    pub max_payload: usize,
-    /// Calls that may run at once; past it, 503.
-    pub max_in_flight: usize,
-}
 
 /// What a served call still holds once its answer is ready: its fresh instance and its
 /// places in the in-flight bounds. Drop it once the answer is queued: tearing the

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::sandbox::HandlerContext;
+use crate::call::HandlerContext;
 
 /// Bytes of one stream logged per call; the rest is dropped.
 pub const MAX_LOGGED: usize = 16 * 1024;

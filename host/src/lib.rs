@@ -19,12 +19,17 @@
 //! - [`loader`]: files to versions: reads the handlers folder, compiles what changed,
 //!   applies the folder's state to the registry; [`watcher`] runs it on file events.
 //! - [`config`]: settings and their defaults; per-handler sidecars.
+//! - [`call`]: what every step above shares about a call: its errors (one status
+//!   each), its answer, and the context a handler version runs with. The modules
+//!   import one another one way: mqtt → dispatch → registry → sandbox → guest_io →
+//!   call → config.
 //! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
 //! [`run`] ties them together; the `edge-host` binary is a thin wrapper around it.
 
 pub mod broker;
 pub mod cache;
+pub mod call;
 pub mod config;
 pub mod dispatch;
 pub mod guest_io;
@@ -40,8 +45,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use edge_proto::Namespace;
 
+pub use call::CallError;
 pub use config::Config;
-pub use dispatch::CallError;
 
 use crate::dispatch::Dispatcher;
 use crate::loader::Loader;

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::call::HandlerContext;
 use crate::config::HandlerSettings;
 use crate::registry::{Change, Fingerprint, HandlerVersion, Registry};
-use crate::sandbox::{HandlerContext, Sandbox};
+use crate::sandbox::Sandbox;
 
 /// Loads handler files into the registry.
 pub struct Loader {

@@ -28,7 +28,8 @@ use rumqttc::{
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::dispatch::{CallError, CallGuard, Dispatcher};
+use crate::call::CallError;
+use crate::dispatch::{CallGuard, Dispatcher};
 use crate::registry::Registry;
 
 /// Refusals the session owes at most while the client's outgoing queue is full: each is

@@ -11,7 +11,6 @@
 //! every epoch tick and traps once its deadline has passed, and a handler blocked in a
 //! host call (a WASI sleep or poll) is dropped at the deadline, its Store with it.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,8 +25,7 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::CompileCache;
-use crate::config::Grants;
-use crate::dispatch::CallError;
+use crate::call::{CallError, HandlerContext};
 use crate::guest_io::{HandlerLog, LogStream};
 
 /// The bindings of the handler world, generated once; only what the host uses leaves.
@@ -379,24 +377,6 @@ fn check_methods(methods: &[MethodInfo]) -> wasmtime::Result<()> {
         }
     }
     Ok(())
-}
-
-/// What a handler version knows about itself, shared by all its calls.
-#[derive(Debug, Clone)]
-pub struct HandlerContext {
-    /// The handler's file name, such as `echo.wasm`, for logs.
-    pub file: String,
-    /// The device id the host serves.
-    pub device_id: String,
-    /// The handler's own configuration values (its sidecar's `[config]` table).
-    pub config: BTreeMap<String, String>,
-    /// The linear-memory cap of one instance, in bytes.
-    pub max_memory: usize,
-    /// What WASI gives the handler beyond nothing.
-    pub grants: Grants,
-    /// Whether warm instances are reused across calls (the handler declares it keeps
-    /// no state between them), and how many calls one instance serves at most.
-    pub reuse: Option<u32>,
 }
 
 /// One compiled, pre-instantiated handler version.
