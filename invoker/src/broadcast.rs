@@ -5,9 +5,13 @@
 //! offline devices cost the job nothing.
 //!
 //! Which devices: [`select`] expands patterns over the devices whose presence the
-//! broker holds, and adds the ids named outright (a literal `--devices` or a line of
-//! `--devices-file`), which are called whatever the broker knows of them, as `call`
-//! does.
+//! broker holds (or, on IoT Hub, the devices in its registry), and adds the ids named
+//! outright (a literal `--devices` or a line of `--devices-file`), which are called
+//! whatever the broker knows of them, as `call` does.
+//!
+//! How: [`run`] makes the calls itself, a bounded number at once; on IoT Hub,
+//! [`run_job`] has the hub run them as a `scheduleDeviceMethod` job and reads each
+//! device's result back from it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,10 +22,11 @@ use edge_proto::topic::check_device_id;
 use tokio::task::JoinSet;
 
 use crate::call::{CallError, CallRequest, MethodResponse};
-use crate::caller::Caller;
 use crate::exit::Exit;
 use crate::fleet::DeviceState;
+use crate::iothub::{HubClient, JOB_POLL, JobStart, JobStatistics, JobStatus};
 use crate::pattern::DevicePattern;
+use crate::via::Via;
 
 /// The calls in flight at once when the command line does not say.
 pub const DEFAULT_CONCURRENCY: usize = 16;
@@ -43,7 +48,7 @@ pub enum Outcome {
     /// The device answered with a 2xx status.
     Succeeded,
     /// The device answered with another status, or the call failed otherwise (the
-    /// broker was lost).
+    /// broker was lost, the hub gave no result).
     Failed,
     /// The device is not online (404103).
     NotOnline,
@@ -104,15 +109,22 @@ impl Totals {
 }
 
 /// The exit of a job: success only when every device answered 2xx; a failure of the
-/// session (the broker lost) before one that only some devices had.
+/// session (the broker or hub lost, the key refused) before one that only some devices
+/// had.
 pub fn exit(results: &[DeviceResult]) -> Exit {
-    let lost = results.iter().any(|r| {
+    let failed = |matches: fn(&CallError) -> bool| {
+        results
+            .iter()
+            .any(|r| r.outcome.as_ref().err().is_some_and(matches))
+    };
+    if failed(|e| matches!(e, CallError::Unauthorized { .. })) {
+        Exit::Unauthorized
+    } else if failed(|e| {
         matches!(
-            r.outcome,
-            Err(CallError::Connect { .. } | CallError::Broker(_))
+            e,
+            CallError::Connect { .. } | CallError::Broker(_) | CallError::Hub { .. }
         )
-    });
-    if lost {
+    }) {
         Exit::Failure
     } else if results.iter().all(|r| Outcome::of(r) == Outcome::Succeeded) {
         Exit::Success
@@ -218,6 +230,20 @@ pub fn select(
     known: &[DeviceState],
     named: &[String],
 ) -> Result<Vec<String>, TargetError> {
+    select_from(patterns, known, named, "the broker")
+}
+
+/// As [`select`], where `known_by` says who knows the `known` devices, for the error
+/// (`the broker`, `the hub's registry`).
+///
+/// # Errors
+/// As [`select`].
+pub fn select_from(
+    patterns: &[DevicePattern],
+    known: &[DeviceState],
+    named: &[String],
+    known_by: &str,
+) -> Result<Vec<String>, TargetError> {
     check_literals(patterns)?;
     let mut devices = BTreeSet::new();
     for pattern in patterns {
@@ -241,9 +267,9 @@ pub fn select(
             .join(", ");
         let why = match (wanted.is_empty(), known.len()) {
             (true, _) => "the devices file names none".to_owned(),
-            (false, 0) => format!("the broker knows no device, so none matches {wanted}"),
+            (false, 0) => format!("{known_by} knows no device, so none matches {wanted}"),
             (false, n) => format!(
-                "none of the {n} device{} the broker knows matches {wanted}",
+                "none of the {n} device{} {known_by} knows matches {wanted}",
                 if n == 1 { "" } else { "s" }
             ),
         };
@@ -256,7 +282,7 @@ pub fn select(
 /// `device` is ignored), at most `concurrency` at once, on one session. `each` sees
 /// every result as it comes; the results are returned sorted by device.
 pub async fn run(
-    caller: &Caller,
+    caller: &Via,
     request: &CallRequest,
     devices: &[String],
     concurrency: usize,
@@ -301,6 +327,117 @@ pub async fn run(
     }
     results.sort_by(|a, b| a.device.cmp(&b.device));
     results
+}
+
+/// What a job on the hub came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// The job's id.
+    pub job_id: String,
+    /// How it ended, and its statistics.
+    pub status: JobStatus,
+    /// One result per device, sorted by device; [`CallError::Unreported`] for each when
+    /// the hub gives no per-device results.
+    pub results: Vec<DeviceResult>,
+    /// Whether the results are the hub's per-device ones (else only the statistics
+    /// are known).
+    pub per_device: bool,
+}
+
+impl JobOutcome {
+    /// The totals: counted from the per-device results, else the job's statistics.
+    pub fn totals(&self) -> Totals {
+        if self.per_device {
+            return Totals::of(&self.results);
+        }
+        let stats = &self.status.device_job_statistics;
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Totals {
+            succeeded: count(stats.succeeded_count),
+            failed: count(stats.device_count.saturating_sub(stats.succeeded_count)),
+            not_online: 0,
+            timed_out: 0,
+        }
+    }
+
+    /// The exit: as [`exit`] with per-device results; else success only when the job
+    /// completed and every device succeeded.
+    pub fn exit(&self) -> Exit {
+        if self.per_device {
+            return exit(&self.results);
+        }
+        let stats = &self.status.device_job_statistics;
+        if self.status.status == "completed" && stats.succeeded_count == stats.device_count {
+            Exit::Success
+        } else {
+            Exit::DeviceError
+        }
+    }
+}
+
+/// Has the hub run `request`'s method on `devices` as a `scheduleDeviceMethod` job:
+/// starts it, asks for its progress every second (`progress` sees each answer's
+/// statistics) until it ends, then reads each device's result. `None` when the hub
+/// cannot take this job (it has no jobs API, or the devices do not fit in one query
+/// condition): the caller makes the calls itself with [`run`].
+///
+/// # Errors
+/// When the hub refuses the job or fails, or the job outlives its own time limit by a
+/// minute.
+pub async fn run_job(
+    hub: &HubClient,
+    request: &CallRequest,
+    devices: &[String],
+    mut progress: impl FnMut(&JobStatistics),
+) -> Result<Option<JobOutcome>, CallError> {
+    let job_id = format!(
+        "edge-invoker-{}-{:08x}",
+        edge_proto::iothub::unix_now(),
+        rand::random::<u32>()
+    );
+    let mut status = match hub.start_job(&job_id, request, devices).await? {
+        JobStart::NoJobs => return Ok(None),
+        JobStart::Started(status) => status,
+    };
+    let limit = crate::iothub::max_execution(request, devices.len()) + Duration::from_secs(60);
+    let started = Instant::now();
+    while !status.is_over() {
+        progress(&status.device_job_statistics);
+        if started.elapsed() > limit {
+            return Err(CallError::Hub {
+                host: hub.host().to_owned(),
+                reason: format!("job '{job_id}' is still {} after {limit:?}", status.status),
+            });
+        }
+        tokio::time::sleep(JOB_POLL).await;
+        status = hub.job(&job_id).await?;
+    }
+    progress(&status.device_job_statistics);
+    let reported = hub.job_results(&job_id).await?;
+    let per_device = reported.is_some();
+    let mut by_device: HashMap<String, DeviceResult> = reported
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.device.clone(), r))
+        .collect();
+    let results = devices
+        .iter()
+        .map(|device| {
+            by_device.remove(device).unwrap_or_else(|| DeviceResult {
+                device: device.clone(),
+                outcome: Err(CallError::Unreported {
+                    job: job_id.clone(),
+                }),
+                elapsed: Duration::ZERO,
+            })
+        })
+        .collect();
+    Ok(Some(JobOutcome {
+        job_id,
+        status,
+        results,
+        per_device,
+    }))
 }
 
 #[cfg(test)]

@@ -243,6 +243,46 @@ pub enum CallError {
     /// connecting.
     #[error("{0}")]
     Broker(String),
+    /// IoT Hub does not know the device (404001 DeviceNotFound); nothing was sent.
+    #[error("device '{device}' is not registered in the hub")]
+    NotRegistered {
+        /// The device called.
+        device: String,
+    },
+    /// IoT Hub refused the service connection string's credentials (401002
+    /// IotHubUnauthorizedAccess): a wrong key, an expired token, or a policy without
+    /// the right.
+    #[error("the hub refused the credentials of policy '{policy}': {reason}")]
+    Unauthorized {
+        /// The policy the token was signed for (`SharedAccessKeyName`).
+        policy: String,
+        /// What the hub said.
+        reason: String,
+    },
+    /// IoT Hub answered with another error code, such as 429 throttling or 500.
+    #[error("the hub answered {code}: {message}")]
+    Service {
+        /// IoT Hub's error code (six digits when it gave one, else the HTTP status).
+        code: u32,
+        /// What the hub said.
+        message: String,
+    },
+    /// IoT Hub could not be reached over HTTPS (name, connection, TLS), or answered
+    /// something that is not its API.
+    #[error("could not reach the hub at {host}: {reason}")]
+    Hub {
+        /// The hub's `HostName`.
+        host: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A job ran the call, but the hub gives no per-device results (it does not answer
+    /// queries on `devices.jobs`), so this device's outcome is unknown.
+    #[error("the hub gave no result for this device (job '{job}')")]
+    Unreported {
+        /// The job's id.
+        job: String,
+    },
 }
 
 impl CallError {
@@ -253,15 +293,32 @@ impl CallError {
             Self::Argument(_) => Some(ServiceError::ArgumentInvalid),
             Self::NotOnline { .. } => Some(ServiceError::DeviceNotOnline),
             Self::Timeout { .. } => Some(ServiceError::GatewayTimeout),
-            Self::Connect { .. } | Self::Broker(_) => None,
+            _ => None,
         }
     }
 
     /// The six-digit IoT Hub error code, such as 404103, where there is one.
     pub fn code(&self) -> Option<u32> {
-        self.service_error().map(ServiceError::code)
+        self.code_and_name().map(|(code, _)| code)
+    }
+
+    /// IoT Hub's code and name for the error, such as (404001, `DeviceNotFound`),
+    /// where there is one.
+    pub fn code_and_name(&self) -> Option<(u32, &'static str)> {
+        match self {
+            Self::NotRegistered { .. } => Some((NOT_REGISTERED, "DeviceNotFound")),
+            Self::Unauthorized { .. } => Some((UNAUTHORIZED, "IotHubUnauthorizedAccess")),
+            Self::Service { code, .. } => Some((*code, "")),
+            _ => self.service_error().map(|e| (e.code(), e.name())),
+        }
     }
 }
+
+/// IoT Hub's 404001 DeviceNotFound: the device is not in the registry.
+pub const NOT_REGISTERED: u32 = 404_001;
+
+/// IoT Hub's 401002 IotHubUnauthorizedAccess: the credentials were refused.
+pub const UNAUTHORIZED: u32 = 401_002;
 
 /// Which argument broke which rule (all 400004 ArgumentInvalid).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -287,6 +344,9 @@ pub enum ArgumentError {
     /// Stdin could not be read.
     #[error("could not read the payload from stdin: {0}")]
     Stdin(String),
+    /// IoT Hub refused an argument (400004) for a reason of its own.
+    #[error("{0}")]
+    Refused(String),
     /// The payload file could not be read, or holds no valid payload.
     #[error("payload file {path}: {reason}")]
     File {

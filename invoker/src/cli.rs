@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use edge_proto::BrokerUrl;
+use edge_proto::iothub::{ConnectionString, ConnectionStringError, ServiceConnectionString};
 use edge_proto::topic::DEFAULT_NAMESPACE;
 use edge_proto::transport::{Security, TlsFiles};
 
@@ -33,7 +34,16 @@ range are 400004 ArgumentInvalid.
 The broker, namespace and timeouts come from the flags, else the environment
 (EDGE_BROKER, EDGE_NAMESPACE), else the config file (--config or
 EDGE_INVOKER_CONFIG: a TOML file with the keys broker, namespace, response_timeout
-and connect_timeout), else the defaults.";
+and connect_timeout), else the defaults.
+
+On Azure IoT Hub (or edge-hub): with a service connection string
+(EDGE_CONNECTION_STRING, --connection-string-file, or the config file's
+connection_string_file) every command goes through the hub's REST API over HTTPS
+instead of the broker: call as POST /twins/{id}/methods, devices from the registry,
+methods from the twin's reported property `methods`, broadcast as a
+scheduleDeviceMethod job. --ca-file trusts the hub's CA (else the system's roots);
+HTTPS_PROXY and NO_PROXY apply. The hub's 404001 (device not registered) exits 6, and
+401002 (the key refused) exits 7.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -42,6 +52,7 @@ Examples:
   edge-invoker methods pump-7
   edge-invoker broadcast reboot '{\"delaySeconds\":30}' --devices 'pump-*'
   edge-invoker --broker mqtt://broker.plant:1883 devices
+  EDGE_CONNECTION_STRING_FILE=hub.secret edge-invoker call my-device getInfo
   edge-invoker completions bash > ~/.local/share/bash-completion/completions/edge-invoker
 
 Each command's --help has its own examples and exit codes. Those of call:
@@ -54,6 +65,8 @@ Examples:
   edge-invoker call my-device echo @payload.json
   edge-invoker --json call my-device reboot --response-timeout 60
   EDGE_BROKER=mqtt://broker.local edge-invoker call my-device getInfo
+  EDGE_CONNECTION_STRING='HostName=...;SharedAccessKeyName=...;SharedAccessKey=...' \
+    edge-invoker call my-device getInfo        # through IoT Hub's REST API
 
 The 'Invoking method ...' line goes to stderr; the response status and payload go to
 stdout (the payload indented when stdout is a terminal, compact JSON otherwise).
@@ -66,8 +79,9 @@ Examples:
   edge-invoker devices 'pump-*'
   edge-invoker --json devices | jq -r 'select(.online) | .deviceId'
 
-Lists the devices whose retained presence the broker holds, online or not, read from
-the broker without calling any device: since when each is online, why it is offline,
+Lists the devices whose retained presence the broker holds (with a connection string:
+the devices in the hub's registry, with their connection state and the methods their
+twins report), online or not, read without calling any device: since when each is online, why it is offline,
 and how many methods its retained catalog lists (and how many handler files failed to
 load). A pattern matches whole device ids: * stands for any characters, ? for one;
 quote it so that the shell leaves it alone.
@@ -83,7 +97,8 @@ Examples:
   edge-invoker methods my-device
   edge-invoker --json methods my-device | jq -r '.methods[].name'
 
-Shows the device's method catalog as it retains it on the broker: each method's name,
+Shows the device's method catalog as it retains it on the broker (with a connection
+string: as its twin reports it, properties.reported.methods): each method's name,
 the handler file serving it and its digest, and its description; then the handler files
 that failed to load, if any. No call is made to the device, so an offline device's last
 catalog is shown too, with its state.
@@ -107,6 +122,11 @@ holds and whose id matches (* any characters, ? one); a value without wildcards 
 device id, called whatever its presence. --devices-file FILE names one device id a line
 (# starts a comment). A device that is not online fails at once with 404103: offline
 devices are reported, not waited for, unless --connect-timeout says otherwise.
+
+With a connection string, the hub runs the calls as a scheduleDeviceMethod job
+(devices matched against its registry), and the invoker polls the job's statistics and
+reads each device's result back from devices.jobs; a hub that answers no such query
+(edge-hub) gives the totals only, and a hub without jobs gets the calls one by one.
 
 While it runs, a progress bar on stderr (on a terminal only). At the end, on stdout, a
 table with each device's status, time and answer or error, then the totals: succeeded,
@@ -143,8 +163,9 @@ fn devices_help() -> String {
         ),
         (
             Exit::Failure,
-            "the broker could not be reached, or another failure",
+            "the broker or hub could not be reached, or another failure",
         ),
+        (Exit::Unauthorized, Exit::Unauthorized.meaning()),
     ]);
     format!("{DEVICES_EXAMPLES}\n\n{codes}")
 }
@@ -155,12 +176,14 @@ fn methods_help() -> String {
         (Exit::Usage, "bad usage, or an invalid device id"),
         (
             Exit::NotOnline,
-            "the broker holds no catalog for the device (unknown device)",
+            "the broker holds no catalog for the device (unknown device), or its twin reports none",
         ),
         (
             Exit::Failure,
-            "the broker could not be reached, or another failure",
+            "the broker or hub could not be reached, or another failure",
         ),
+        (Exit::NotRegistered, Exit::NotRegistered.meaning()),
+        (Exit::Unauthorized, Exit::Unauthorized.meaning()),
     ]);
     format!("{METHODS_EXAMPLES}\n\n{codes}")
 }
@@ -179,8 +202,9 @@ fn broadcast_help() -> String {
         (Exit::NotOnline, "no device matched: nothing was called"),
         (
             Exit::Failure,
-            "the broker could not be reached or was lost, or another failure",
+            "the broker or hub could not be reached or was lost, or another failure",
         ),
+        (Exit::Unauthorized, Exit::Unauthorized.meaning()),
     ]);
     format!("{BROADCAST_EXAMPLES}\n\n{codes}")
 }
@@ -231,6 +255,131 @@ pub struct GlobalArgs {
     /// Print JSON on stdout instead of lines for people (see each command's --help)
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// How to reach IoT Hub instead of the broker.
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// IoT Hub's service connection string: with one, every command goes through the
+/// hub's REST API instead of the broker.
+#[derive(Debug, Args)]
+pub struct HubArgs {
+    /// IoT Hub's service connection string, HostName=...;SharedAccessKeyName=...;
+    /// SharedAccessKey=...: every command then uses the hub's REST API instead of the
+    /// broker (--ca-file trusts the hub's CA). A secret: `ps` shows flags, so prefer
+    /// the environment variable or --connection-string-file
+    #[arg(
+        long,
+        env = "EDGE_CONNECTION_STRING",
+        hide_env_values = true,
+        value_name = "CS",
+        global = true
+    )]
+    pub connection_string: Option<Secret>,
+
+    /// A file whose first line is the service connection string
+    #[arg(
+        long,
+        env = "EDGE_CONNECTION_STRING_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub connection_string_file: Option<PathBuf>,
+}
+
+/// A secret from the command line or the environment: kept out of `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<hidden>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+/// IoT Hub, reached through its service API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSettings {
+    /// The service connection string: the hub's host, the policy and its key.
+    pub connection: ServiceConnectionString,
+    /// PEM file of the CA certificates to trust for the hub; none trusts the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HubArgs {
+    /// The hub to use, if a connection string is given: the flag or
+    /// `EDGE_CONNECTION_STRING`, else the first line of the file (flag, environment,
+    /// or the config file's `connection_string_file`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read;
+    /// [`ConfigError::ConnectionString`] when the string is not a service connection
+    /// string (the error never repeats the key).
+    pub fn settings(
+        &self,
+        config: &ConfigFile,
+        ca_file: Option<PathBuf>,
+    ) -> Result<Option<HubSettings>, ConfigError> {
+        let (text, from) = match (&self.connection_string, &self.connection_string_file) {
+            (Some(Secret(text)), _) => (
+                text.clone(),
+                "--connection-string or EDGE_CONNECTION_STRING".to_owned(),
+            ),
+            (None, file) => match file.as_ref().or(config.connection_string_file.as_ref()) {
+                None => return Ok(None),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                    (line.trim().to_owned(), path.display().to_string())
+                }
+            },
+        };
+        let unusable = |reason: String| ConfigError::ConnectionString {
+            from: from.clone(),
+            reason,
+        };
+        match text.parse::<ConnectionString>() {
+            Ok(ConnectionString::Service(connection)) => Ok(Some(HubSettings {
+                connection,
+                ca_file,
+            })),
+            Ok(ConnectionString::Device(_)) => Err(unusable(
+                "it is a device's connection string (it has DeviceId); edge-invoker needs the \
+                 hub's service connection string, HostName=...;SharedAccessKeyName=...;\
+                 SharedAccessKey=... (`edge-hub connection-string`, or a shared access \
+                 policy of the hub in Azure)"
+                    .into(),
+            )),
+            Err(error) => Err(unusable(match error {
+                // Both would repeat part of the text, which may be the key or a token.
+                ConnectionStringError::Segment(_) => {
+                    "a part between semicolons is not Name=value".into()
+                }
+                // A pasted key splits at its '=' padding into a "name": not shown.
+                ConnectionStringError::Unknown(name) if name.len() > 24 => {
+                    "a part between semicolons has an unknown name (known: HostName, \
+                     SharedAccessKeyName, SharedAccessKey)"
+                        .into()
+                }
+                ConnectionStringError::Invalid(why) if why.contains("signature") => {
+                    "its SharedAccessSignature is malformed".into()
+                }
+                other => other.to_string(),
+            })),
+        }
+    }
 }
 
 /// How to reach the broker: every option that ends up in [`ConnectOptions`], turned
@@ -243,7 +392,7 @@ pub struct BrokerArgs {
     pub broker: Option<BrokerUrl>,
 
     /// PEM file of the CA certificates to trust; turns TLS on (with mqtts:// and no CA
-    /// file, the system's roots are trusted)
+    /// file, the system's roots are trusted). With a connection string, the hub's CA
     #[arg(long, env = "EDGE_CA_FILE", value_name = "FILE", global = true)]
     pub ca_file: Option<PathBuf>,
 
@@ -319,6 +468,9 @@ pub struct Settings {
     /// The config file's content (all defaults when there is none), for what
     /// subcommands take from it.
     pub config: ConfigFile,
+    /// IoT Hub, when a service connection string is given: then every command goes
+    /// through it, and the broker settings are not used.
+    pub hub: Option<HubSettings>,
 }
 
 impl GlobalArgs {
@@ -332,8 +484,13 @@ impl GlobalArgs {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
         };
+        let connect = self.broker.connect_options(&config)?;
+        let hub = self
+            .hub
+            .settings(&config, connect.security.tls.ca_file.clone())?;
         Ok(Settings {
-            connect: self.broker.connect_options(&config)?,
+            connect,
+            hub,
             namespace: self
                 .namespace
                 .clone()
@@ -613,6 +770,45 @@ mod tests {
             cli.global.settings(),
             Err(ConfigError::Read { path, .. }) if path == Path::new("/nonexistent.toml")
         ));
+    }
+
+    #[test]
+    fn a_connection_string_comes_from_the_flag_else_a_file_else_the_config_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (file, config_file) = (dir.path().join("a.secret"), dir.path().join("b.secret"));
+        let service = |host: &str| {
+            format!("HostName={host};SharedAccessKeyName=service;SharedAccessKey=AAAA")
+        };
+        std::fs::write(&file, format!("\n{}\n", service("from-file"))).expect("write");
+        std::fs::write(&config_file, service("from-config")).expect("write");
+        let config = ConfigFile {
+            connection_string_file: Some(config_file),
+            ..ConfigFile::default()
+        };
+        let host = |args: &HubArgs| {
+            args.settings(&config, None)
+                .expect("usable")
+                .map(|hub| hub.connection.host_name)
+        };
+        let flag = Some(Secret(service("from-flag")));
+        let (none, named) = (None, Some(file.clone()));
+        for (string, file, expected) in [
+            (&flag, &named, "from-flag"),
+            (&None, &named, "from-file"),
+            (&None, &none, "from-config"),
+        ] {
+            let args = HubArgs {
+                connection_string: string.clone(),
+                connection_string_file: file.clone(),
+            };
+            assert_eq!(host(&args).as_deref(), Some(expected));
+        }
+        let unset = HubArgs {
+            connection_string: None,
+            connection_string_file: None,
+        };
+        assert_eq!(unset.settings(&ConfigFile::default(), None), Ok(None));
+        assert!(!format!("{:?}", flag).contains("AAAA"), "Debug hides it");
     }
 
     #[test]

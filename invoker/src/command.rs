@@ -13,15 +13,14 @@ use crate::broadcast::{self, DeviceResult, Totals};
 use crate::call::{
     ArgumentError, CallError, CallRequest, MethodResponse, ResponsePayload, read_payload,
 };
-use crate::caller::{Caller, ConnectOptions};
 use crate::cli::{
     BroadcastArgs, CallArgs, Cli, Command, CompletionsArgs, DevicesArgs, GlobalArgs, MethodsArgs,
     Settings,
 };
 use crate::exit::Exit;
-use crate::fleet;
 use crate::output::{self, Format, Paint};
 use crate::pattern::DevicePattern;
+use crate::via::Via;
 
 /// The streams a command reads and writes, and what they are connected to.
 pub struct Io<'a> {
@@ -148,7 +147,7 @@ async fn call(global: &GlobalArgs, args: CallArgs, io: &mut Io<'_>) -> Exit {
         );
         let _ = io.stderr.write_all(line.as_bytes());
     }
-    let outcome = call_once(&settings.connect, &request).await;
+    let outcome = call_once(&settings, &request).await;
     report(format, io, outcome)
 }
 
@@ -172,14 +171,14 @@ fn request(
     Ok(request)
 }
 
-/// Connects, calls once, and disconnects.
+/// Connects (to the broker or the hub), calls once, and disconnects.
 async fn call_once(
-    connect: &ConnectOptions,
+    settings: &Settings,
     request: &CallRequest,
 ) -> Result<MethodResponse, CallError> {
-    let caller = Caller::connect(connect.clone()).await?;
-    let outcome = caller.call(request).await;
-    caller.disconnect().await;
+    let via = Via::connect(settings).await?;
+    let outcome = via.call(request).await;
+    via.close().await;
     outcome
 }
 
@@ -222,19 +221,20 @@ async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Exi
         Err(exit) => return exit,
     };
     let format = io.format(&settings);
-    let every_device = match Namespace::any_device(&settings.namespace) {
-        Ok(prefix) => prefix,
-        Err(error) => return io.fail_call(&ArgumentError::Name(error).into()),
+    let nobody = match (&settings.hub, Namespace::any_device(&settings.namespace)) {
+        (Some(_), _) => "The hub's registry holds no device.\n".to_owned(),
+        (None, Ok(prefix)) => format!("The broker holds no device's presence under {prefix}.\n"),
+        (None, Err(error)) => return io.fail_call(&ArgumentError::Name(error).into()),
     };
     let pattern = args
         .pattern
         .map_or_else(DevicePattern::any, DevicePattern::new);
-    let caller = match Caller::connect(settings.connect.clone()).await {
-        Ok(caller) => caller,
+    let via = match Via::connect(&settings).await {
+        Ok(via) => via,
         Err(error) => return io.fail_call(&error),
     };
-    let listed = fleet::list(&caller, &settings.namespace).await;
-    caller.disconnect().await;
+    let listed = via.devices(&settings.namespace).await;
+    via.close().await;
     let listed = match listed {
         Ok(listed) => listed,
         Err(error) => return io.fail_call(&error),
@@ -248,7 +248,7 @@ async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Exi
         Format::Json => matching.iter().map(output::fleet::device_json).collect(),
         Format::Human { .. } if matching.is_empty() => {
             let note = if known == 0 {
-                format!("The broker holds no device's presence under {every_device}.\n")
+                nobody
             } else {
                 format!(
                     "No device matches '{pattern}' ({known} device{} known).\n",
@@ -273,24 +273,29 @@ async fn methods(global: &GlobalArgs, args: MethodsArgs, io: &mut Io<'_>) -> Exi
     if let Err(error) = Namespace::new(&settings.namespace, &args.device) {
         return io.fail_call(&ArgumentError::Name(error).into());
     }
-    let caller = match Caller::connect(settings.connect.clone()).await {
-        Ok(caller) => caller,
+    let via = match Via::connect(&settings).await {
+        Ok(via) => via,
         Err(error) => return io.fail_call(&error),
     };
-    let state = fleet::device(&caller, &settings.namespace, &args.device).await;
-    caller.disconnect().await;
+    let state = via.device(&settings.namespace, &args.device).await;
+    via.close().await;
     let state = match state {
         Ok(state) => state,
         Err(error) => return io.fail_call(&error),
     };
     if state.catalog.is_none() {
-        let why = match &state.presence {
-            None => format!(
+        let why = match (&via, &state.presence) {
+            (Via::Hub(_), _) => format!(
+                "device '{}' reports no method catalog in its twin (properties.reported.methods \
+                 is missing or not a list of methods)",
+                args.device
+            ),
+            (Via::Broker(_), None) => format!(
                 "the broker holds no method catalog for device '{}': no such device, or one \
                  that publishes no catalog",
                 args.device
             ),
-            Some(presence) => format!(
+            (Via::Broker(_), Some(presence)) => format!(
                 "device '{}' is {} but the broker holds no method catalog for it",
                 args.device,
                 if presence.online { "online" } else { "offline" }
@@ -347,29 +352,29 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
     };
     let needs_listing = patterns.iter().any(|p| !p.is_literal());
     let namespace_ok = Namespace::any_device(&settings.namespace);
-    if let (true, Err(error)) = (needs_listing, namespace_ok) {
+    if let (true, None, Err(error)) = (needs_listing, &settings.hub, namespace_ok) {
         return io.fail_call(&ArgumentError::Name(error).into());
     }
 
-    let caller = match Caller::connect(settings.connect.clone()).await {
-        Ok(caller) => caller,
+    let via = match Via::connect(&settings).await {
+        Ok(via) => via,
         Err(error) => return io.fail_call(&error),
     };
     let known = if needs_listing {
-        match fleet::list(&caller, &settings.namespace).await {
+        match via.devices(&settings.namespace).await {
             Ok(known) => known,
             Err(error) => {
-                caller.disconnect().await;
+                via.close().await;
                 return io.fail_call(&error);
             }
         }
     } else {
         Vec::new()
     };
-    let targets = match broadcast::select(&patterns, &known, &named) {
+    let targets = match broadcast::select_from(&patterns, &known, &named, via.known_by()) {
         Ok(targets) => targets,
         Err(error) => {
-            caller.disconnect().await;
+            via.close().await;
             io.fail(&error.to_string());
             return error.exit();
         }
@@ -386,11 +391,33 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
         let _ = io.stderr.write_all(line.as_bytes());
     }
     let bar = progress_bar(format, io, targets.len());
+    if let Via::Hub(hub) = &via {
+        let job = broadcast::run_job(hub, &request, &targets, |stats| {
+            bar.set_position(stats.succeeded_count + stats.failed_count);
+            bar.set_message(output::job::progress(&Totals {
+                failed: usize::try_from(stats.failed_count).unwrap_or(usize::MAX),
+                ..Totals::default()
+            }));
+        })
+        .await;
+        match job {
+            Ok(Some(job)) => {
+                bar.finish_and_clear();
+                return job_report(format, io, &job);
+            }
+            // No jobs on this hub: the calls are made from here, as on the broker.
+            Ok(None) => {}
+            Err(error) => {
+                bar.finish_and_clear();
+                return io.fail_call(&error);
+            }
+        }
+    }
     let mut totals = Totals::default();
     let mut stdout_failed = false;
     let stdout = &mut *io.stdout;
     let results = broadcast::run(
-        &caller,
+        &via,
         &request,
         &targets,
         usize::try_from(args.concurrency).unwrap_or(usize::MAX),
@@ -409,22 +436,60 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
     )
     .await;
     bar.finish_and_clear();
-    caller.disconnect().await;
+    via.close().await;
 
     let exit = broadcast::exit(&results);
     match format {
         Format::Json if stdout_failed => Exit::Failure,
         Format::Json => exit,
         Format::Human { .. } => {
-            let paint = io.paint_stdout(format);
-            let text = format!(
-                "{}\n{}",
-                output::job::results_table(&results, paint),
-                output::job::totals(&Totals::of(&results), paint)
-            );
+            let text = results_text(io, format, &results, &Totals::of(&results));
             written(io, &text, exit)
         }
     }
+}
+
+/// The table of results and the totals, for people.
+fn results_text(io: &Io<'_>, format: Format, results: &[DeviceResult], totals: &Totals) -> String {
+    let paint = io.paint_stdout(format);
+    format!(
+        "{}\n{}",
+        output::job::results_table(results, paint),
+        output::job::totals(totals, paint)
+    )
+}
+
+/// Prints what a job on the hub came to, as a broadcast's results, and returns its
+/// exit. When the hub gives no per-device results, a note on stderr says so.
+fn job_report(format: Format, io: &mut Io<'_>, job: &broadcast::JobOutcome) -> Exit {
+    let mut notes = Vec::new();
+    if job.status.status != "completed" {
+        let reason = job
+            .status
+            .failure_reason
+            .as_deref()
+            .unwrap_or("no reason given");
+        notes.push(format!(
+            "Job '{}' {}: {reason}",
+            job.job_id, job.status.status
+        ));
+    }
+    if !job.per_device {
+        notes.push(format!(
+            "Job '{}': the hub gives no per-device results (it does not answer queries on \
+             devices.jobs); the totals are the job's statistics.",
+            job.job_id
+        ));
+    }
+    for note in notes {
+        // What the hub said is escaped, as anything a device or hub supplies.
+        let _ = writeln!(io.stderr, "{}", output::escape::text(&note));
+    }
+    let text = match format {
+        Format::Json => job.results.iter().map(output::job::result_json).collect(),
+        Format::Human { .. } => results_text(io, format, &job.results, &job.totals()),
+    };
+    written(io, &text, job.exit())
 }
 
 /// A progress bar on stderr for people at a terminal; hidden otherwise.

@@ -32,6 +32,9 @@ pub struct ConfigFile {
     pub username: Option<String>,
     /// A file whose first line is the MQTT password (`EDGE_PASSWORD` wins over it).
     pub password_file: Option<PathBuf>,
+    /// A file whose first line is IoT Hub's service connection string: every command
+    /// then goes through the hub (`EDGE_CONNECTION_STRING` wins over it).
+    pub connection_string_file: Option<PathBuf>,
 }
 
 /// Why the config file could not be used; always a usage error.
@@ -43,6 +46,15 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// Why.
+        reason: String,
+    },
+    /// The connection string is not a service connection string; `from` says where it
+    /// came from. The message never holds the key.
+    #[error("the connection string from {from} is not usable: {reason}")]
+    ConnectionString {
+        /// `--connection-string or EDGE_CONNECTION_STRING`, or the file.
+        from: String,
+        /// What is wrong.
         reason: String,
     },
     /// The file is not valid TOML, or holds an unknown key or a bad value.

@@ -23,17 +23,23 @@ pub enum Exit {
     Timeout,
     /// 5: the broker could not be reached, the connection was lost, or another failure.
     Failure,
+    /// 6: IoT Hub does not know the device (404001 DeviceNotFound).
+    NotRegistered,
+    /// 7: IoT Hub refused the connection string's credentials (401002).
+    Unauthorized,
 }
 
 impl Exit {
     /// Every exit, in the order of its code.
-    pub const ALL: [Exit; 6] = [
+    pub const ALL: [Exit; 8] = [
         Self::Success,
         Self::DeviceError,
         Self::Usage,
         Self::NotOnline,
         Self::Timeout,
         Self::Failure,
+        Self::NotRegistered,
+        Self::Unauthorized,
     ];
 
     /// The exit for the outcome of a call.
@@ -47,6 +53,11 @@ impl Exit {
 
     /// The exit for a call that has no answer.
     pub fn of_error(error: &CallError) -> Self {
+        match error {
+            CallError::NotRegistered { .. } => return Self::NotRegistered,
+            CallError::Unauthorized { .. } => return Self::Unauthorized,
+            _ => {}
+        }
         match error.service_error() {
             Some(ServiceError::ArgumentInvalid) => Self::Usage,
             Some(ServiceError::DeviceNotOnline) => Self::NotOnline,
@@ -64,6 +75,8 @@ impl Exit {
             Self::NotOnline => 3,
             Self::Timeout => 4,
             Self::Failure => 5,
+            Self::NotRegistered => 6,
+            Self::Unauthorized => 7,
         }
     }
 
@@ -75,7 +88,9 @@ impl Exit {
             Self::Usage => "bad usage, or an argument out of range or invalid (400004)",
             Self::NotOnline => "the device is not online (404103)",
             Self::Timeout => "the device did not answer in time (504101)",
-            Self::Failure => "the broker could not be reached, or another failure",
+            Self::Failure => "the broker or hub could not be reached, or another failure",
+            Self::NotRegistered => "the hub does not know the device (404001, --connection-string)",
+            Self::Unauthorized => "the hub refused the connection string's key (401002)",
         }
     }
 
@@ -134,6 +149,17 @@ mod tests {
             5
         );
         assert_eq!(failed(CallError::Broker("lost".into())), 5);
+        assert_eq!(failed(CallError::NotRegistered { device: "d".into() }), 6);
+        let refused = CallError::Unauthorized {
+            policy: "iothubowner".into(),
+            reason: "bad signature".into(),
+        };
+        assert_eq!(failed(refused), 7);
+        let throttled = CallError::Service {
+            code: 429_001,
+            message: "slow down".into(),
+        };
+        assert_eq!(failed(throttled), 5);
     }
 
     #[test]

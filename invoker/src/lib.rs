@@ -1,5 +1,6 @@
 //! edge-invoker: calls direct methods on edge devices over MQTT and shows the answers,
-//! as Azure IoT Hub's service API does (statuses, 404103 / 504101 / 400004).
+//! as Azure IoT Hub's service API does (statuses, 404103 / 504101 / 400004); or, given
+//! a service connection string, calls them through IoT Hub's REST API itself.
 //!
 //! Layout:
 //! - [`caller`]: [`Caller`], one MQTT session shared by concurrent calls: connects,
@@ -8,6 +9,10 @@
 //!   It also reads what the broker retains (presence, catalogs) behind the same barrier.
 //! - [`call`]: what one call is: [`CallRequest`] and its argument checks,
 //!   [`MethodResponse`], [`CallError`].
+//! - [`iothub`]: [`HubClient`], IoT Hub's service REST API (calls, registry, twins,
+//!   jobs) over one HTTPS connection pool, with SAS tokens signed by `edge-proto`.
+//! - [`via`]: [`Via`], the broker or the hub, whichever the command line says: the
+//!   commands ask it and do not care which.
 //! - [`fleet`]: devices as the broker knows them (retained presence and catalog),
 //!   for `devices` and `methods`.
 //! - [`broadcast`]: a job calling one method on many devices with bounded concurrency,
@@ -32,11 +37,15 @@ pub mod command;
 pub mod config;
 pub mod exit;
 pub mod fleet;
+pub mod iothub;
 pub mod output;
 pub mod pattern;
+pub mod via;
 
 pub use call::{CallError, CallRequest, MethodResponse, ResponsePayload};
 pub use caller::{Caller, ConnectOptions};
 pub use cli::Cli;
 pub use command::{Io, run, run_with};
 pub use exit::Exit;
+pub use iothub::HubClient;
+pub use via::Via;

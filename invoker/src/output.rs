@@ -137,12 +137,10 @@ fn status_text(status: u16, paint: Paint) -> String {
 /// `paint` colours the human format's `error:`.
 pub fn error(format: Format, error: &CallError, paint: Paint) -> String {
     match format {
-        Format::Human { .. } => match error.service_error() {
-            Some(service) => failure(
-                &format!("{error} ({} {})", service.code(), service.name()),
-                paint,
-            ),
-            None => failure(&error.to_string(), paint),
+        Format::Human { .. } => match error.code_and_name() {
+            // A hub's other codes are in the message already.
+            Some((_, "")) | None => failure(&error.to_string(), paint),
+            Some((code, name)) => failure(&format!("{error} ({code} {name})"), paint),
         },
         Format::Json => {
             #[derive(Serialize)]
