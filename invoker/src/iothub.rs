@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edge_proto::iothub::{DEFAULT_TOKEN_LIFETIME, ServiceConnectionString, encode, unix_now};
-use edge_proto::transport::{Security, TlsFiles};
+use edge_proto::transport::TlsFiles;
 use edge_proto::{Catalog, CatalogEntry, CatalogFailure, Presence};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -185,30 +185,17 @@ fn code_of_name(name: &str) -> Option<u32> {
 /// # Errors
 /// [`CallError::Hub`] when the CA file cannot be used or the system has no roots.
 fn tls_config(host: &str, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, CallError> {
-    let security = Security {
-        tls: TlsFiles {
-            ca_file: ca_file.map(Path::to_owned),
-            ..TlsFiles::default()
-        },
-        ..Security::default()
+    let files = TlsFiles {
+        ca_file: ca_file.map(Path::to_owned),
+        ..TlsFiles::default()
     };
-    let tls_url = "mqtts://localhost"
-        .parse()
-        .expect("a constant mqtts URL parses");
-    let mut options = rumqttc::MqttOptions::new("tls", "localhost", 8883);
-    let unusable = |reason: String| CallError::Hub {
-        host: host.to_owned(),
-        reason,
-    };
-    security
-        .apply(&tls_url, &mut options)
-        .map_err(|e| unusable(e.to_string()))?;
-    match options.transport() {
-        rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(config)) => {
-            Ok(config.as_ref().clone())
-        }
-        _ => Err(unusable("no TLS configuration was made".into())),
-    }
+    files
+        .client_config()
+        .map(|config| config.as_ref().clone())
+        .map_err(|e| CallError::Hub {
+            host: host.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// An error and its sources, on one line: reqwest's own message names only the URL.
