@@ -69,6 +69,27 @@ pub struct Device {
     /// device may connect with instead of a SAS token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub x509_thumbprints: Vec<String>,
+    /// Whether the device may connect with a client certificate whose CN is its id,
+    /// signed by one of the registry's CA certificates (IoT Hub's `certificateAuthority`
+    /// authentication).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub x509_ca: bool,
+}
+
+/// A CA certificate the registry trusts to sign device certificates, as IoT Hub's
+/// verified CA certificates (`az iot hub certificate create --verified`): whoever can
+/// write the registry is trusted to have checked that the CA is theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaCertificate {
+    /// Its name in the registry.
+    pub name: String,
+    /// The certificate, PEM.
+    pub pem: String,
+    /// Its SHA-256 thumbprint, upper-case hex.
+    pub thumbprint: String,
+    /// Its subject, for people.
+    pub subject: String,
 }
 
 /// A device twin's two property sets, each versioned.
@@ -106,6 +127,8 @@ impl Twin {
 struct Document {
     policies: Vec<Policy>,
     devices: BTreeMap<String, Device>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    certificates: Vec<CaCertificate>,
 }
 
 /// Why a registry operation was refused (as opposed to failing on disk).
@@ -134,6 +157,15 @@ pub enum RegistryError {
     /// A certificate thumbprint is not 40 or 64 hex digits (SHA-1 or SHA-256).
     #[error("thumbprint '{0}' is not 40 or 64 hex digits (SHA-1 or SHA-256)")]
     BadThumbprint(String),
+    /// A CA certificate is not one (not PEM, not a CA, not exactly one certificate).
+    #[error("{0}")]
+    BadCertificate(String),
+    /// A CA certificate name is taken.
+    #[error("a CA certificate named '{0}' is already registered")]
+    CertificateExists(String),
+    /// No CA certificate by that name.
+    #[error("no CA certificate named '{0}' is registered")]
+    CertificateNotFound(String),
     /// Reading or writing the file failed.
     #[error(transparent)]
     Io(#[from] anyhow::Error),
@@ -333,6 +365,11 @@ impl Registry {
                 return Err(RegistryError::BadThumbprint(thumbprint.clone()));
             }
         }
+        self.change_identity(id, |device| device.x509_thumbprints = thumbprints)
+    }
+
+    /// Changes device `id`'s identity with `f`, and so its etag.
+    fn change_identity(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<(), RegistryError> {
         self.change(|doc| {
             let device = doc
                 .devices
@@ -340,6 +377,69 @@ impl Registry {
                 .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
             device.x509_thumbprints = thumbprints;
             device.etag = new_etag();
+            Ok(())
+        })
+    }
+
+    /// Lets `id` connect, or no longer connect, with a CA-signed certificate.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`] or a failure to write.
+    pub fn set_x509_ca(&self, id: &str, allowed: bool) -> Result<(), RegistryError> {
+        self.change_identity(id, |device| device.x509_ca = allowed)
+    }
+
+    /// The CA certificates devices' certificates may be signed by.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn certificates(&self) -> anyhow::Result<Vec<CaCertificate>> {
+        self.read(|doc| doc.certificates.clone())
+    }
+
+    /// Trusts the CA certificate `pem` under `name` (letters, digits, `-`, `_`, `.`).
+    ///
+    /// # Errors
+    /// [`RegistryError::BadCertificate`] when `pem` is not exactly one CA certificate or
+    /// the name is invalid, [`RegistryError::CertificateExists`], or a failure to write.
+    pub fn add_certificate(&self, name: &str, pem: &str) -> Result<CaCertificate, RegistryError> {
+        let name_ok = (1..=128).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            return Err(RegistryError::BadCertificate(format!(
+                "invalid certificate name '{name}': 1 to 128 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let ca = crate::pki::ca_certificate(pem)
+            .map_err(|e| RegistryError::BadCertificate(format!("{e:#}")))?;
+        let certificate = CaCertificate {
+            name: name.to_owned(),
+            pem: pem.trim().to_owned() + "\n",
+            thumbprint: ca.thumbprint,
+            subject: ca.subject,
+        };
+        self.change(|doc| {
+            if doc.certificates.iter().any(|c| c.name == name) {
+                return Err(RegistryError::CertificateExists(name.to_owned()));
+            }
+            doc.certificates.push(certificate.clone());
+            Ok(certificate)
+        })
+    }
+
+    /// No longer trusts the CA certificate `name`.
+    ///
+    /// # Errors
+    /// [`RegistryError::CertificateNotFound`] or a failure to write.
+    pub fn remove_certificate(&self, name: &str) -> Result<(), RegistryError> {
+        self.change(|doc| {
+            let before = doc.certificates.len();
+            doc.certificates.retain(|c| c.name != name);
+            if doc.certificates.len() == before {
+                return Err(RegistryError::CertificateNotFound(name.to_owned()));
+            }
             Ok(())
         })
     }
@@ -454,6 +554,7 @@ fn new_device(
             ..Twin::default()
         },
         x509_thumbprints: Vec::new(),
+        x509_ca: false,
     })
 }
 

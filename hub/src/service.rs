@@ -153,7 +153,13 @@ impl Service {
                     "primaryThumbprint": device.x509_thumbprints.first(),
                     "secondaryThumbprint": device.x509_thumbprints.get(1),
                 },
-                "type": if device.x509_thumbprints.is_empty() { "sas" } else { "selfSigned" },
+                "type": if device.x509_ca {
+                    "certificateAuthority"
+                } else if device.x509_thumbprints.is_empty() {
+                    "sas"
+                } else {
+                    "selfSigned"
+                },
             },
             "capabilities": {"iotEdge": false},
         })
@@ -324,8 +330,9 @@ async fn put_device(
         )));
     }
     let auth = &body["authentication"];
-    let thumbprints: Option<Vec<String>> = match auth["type"].as_str() {
-        None | Some("sas") => None,
+    let auth_type = auth["type"].as_str();
+    let thumbprints: Option<Vec<String>> = match auth_type {
+        None | Some("sas" | "certificateAuthority") => None,
         Some("selfSigned") => Some(
             ["primaryThumbprint", "secondaryThumbprint"]
                 .iter()
@@ -335,7 +342,8 @@ async fn put_device(
         ),
         Some(other) => {
             return Err(ApiError::argument(format!(
-                "authentication type '{other}' is not supported by edge-hub (sas or selfSigned)"
+                "authentication type '{other}' is not supported by edge-hub (sas, selfSigned \
+                 or certificateAuthority)"
             )));
         }
     };
@@ -359,17 +367,28 @@ async fn put_device(
             if_match,
         )
         .map_err(registry_error)?;
-    let device = match thumbprints {
-        Some(thumbprints) => {
+    // Only a request that names an authentication type changes it.
+    let x509_ca = auth_type
+        .map(|t| t == "certificateAuthority")
+        .filter(|ca| *ca != device.x509_ca);
+    let device = if thumbprints.is_some() || x509_ca.is_some() {
+        if let Some(thumbprints) = thumbprints {
             service
                 .registry
                 .set_thumbprints(&id, thumbprints)
                 .map_err(registry_error)?;
-            service
-                .device(&id)?
-                .ok_or_else(|| ApiError::device_not_found(&id))?
         }
-        None => device,
+        if let Some(x509_ca) = x509_ca {
+            service
+                .registry
+                .set_x509_ca(&id, x509_ca)
+                .map_err(registry_error)?;
+        }
+        service
+            .device(&id)?
+            .ok_or_else(|| ApiError::device_not_found(&id))?
+    } else {
+        device
     };
     Ok(Json(service.device_json(&id, &device)))
 }
@@ -488,11 +507,19 @@ async fn cancel_job(
     Ok(Json(job.to_json(&id)))
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn registry_error(error: RegistryError) -> ApiError {
     match error {
         RegistryError::InvalidId { .. }
         | RegistryError::BadKey(_)
-        | RegistryError::BadThumbprint(_) => ApiError::argument(error.to_string()),
+        | RegistryError::BadThumbprint(_)
+        | RegistryError::BadCertificate(_) => ApiError::argument(error.to_string()),
+        RegistryError::CertificateExists(_) | RegistryError::CertificateNotFound(_) => {
+            ApiError::argument(error.to_string())
+        }
         RegistryError::NotFound(id) => ApiError::device_not_found(&id),
         RegistryError::Exists(id) => ApiError::exists(&id),
         RegistryError::EtagMismatch(_) => ApiError::precondition(error.to_string()),
