@@ -3,10 +3,12 @@
 //!
 //! Every change is written atomically (a temporary file in the same folder, then a
 //! rename), so a crash never leaves half a registry. Before every read or change the
-//! file is read again if it changed on disk, so that hub instances sharing one folder
-//! (and the CLI's `device add`) see each other's changes; two instances changing the
-//! registry in the same instant may lose one of the two changes (there is no
-//! cross-process lock).
+//! file is read again if it changed on disk (its inode, mtime or length), so that hub
+//! instances sharing one folder (and the CLI's `device add`) see each other's changes.
+//! A change holds an exclusive advisory lock on `registry.json.lock` beside the file
+//! (`flock`) from reading the file to renaming the new one in, so two processes
+//! changing the registry at once take turns and neither loses the other's change.
+//! Reads take no lock: the rename makes every read see a whole file, old or new.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ use serde_json::{Map, Value};
 
 /// The registry file's name in the data folder.
 pub const FILE: &str = "registry.json";
+
+/// The lock file beside it, held while a change is read, made and written.
+pub const LOCK_FILE: &str = "registry.json.lock";
 
 /// What a service policy may do, as IoT Hub's permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -187,6 +192,8 @@ struct Inner {
     /// The file's identity when last read or written: every write renames a new file
     /// into place, so its inode tells a change even within the clock's granularity.
     seen: Option<Stamp>,
+    /// Raised whenever `doc` is read again or changed.
+    generation: u64,
 }
 
 impl Registry {
@@ -204,12 +211,20 @@ impl Registry {
             path,
             doc: Document::default(),
             seen: None,
+            generation: 0,
         };
         if inner.path.exists() {
             inner.reload()?;
         } else {
-            inner.doc.policies = default_policies();
-            inner.save()?;
+            // Two instances starting on a new folder at once: one makes the file, the
+            // other reads it, rather than each writing policies of its own.
+            let _locked = inner.lock_file()?;
+            if inner.path.exists() {
+                inner.reload()?;
+            } else {
+                inner.doc.policies = default_policies();
+                inner.save()?;
+            }
         }
         Ok(Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -238,12 +253,32 @@ impl Registry {
         f: impl FnOnce(&mut Document) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
         let mut inner = self.lock();
+        let _locked = inner.lock_file()?;
         inner.refresh()?;
         let mut doc = inner.doc.clone();
         let out = f(&mut doc)?;
         inner.doc = doc;
         inner.save()?;
         Ok(out)
+    }
+
+    /// A number that changes whenever the registry does (here or on disk), so that
+    /// what was checked against it (a service token) can be trusted until it changes.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn generation(&self) -> anyhow::Result<u64> {
+        let mut inner = self.lock();
+        inner.refresh()?;
+        Ok(inner.generation)
+    }
+
+    /// Whether `id` is registered.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn contains_device(&self, id: &str) -> anyhow::Result<bool> {
+        self.read(|doc| doc.devices.contains_key(id))
     }
 
     /// A device, if registered.
@@ -467,6 +502,21 @@ impl Registry {
 }
 
 impl Inner {
+    /// Takes the exclusive advisory lock on [`LOCK_FILE`], waiting for another process
+    /// that holds it; it is released when the returned file is dropped.
+    fn lock_file(&self) -> anyhow::Result<std::fs::File> {
+        let path = self.path.with_file_name(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the registry's lock file {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+        Ok(file)
+    }
+
     fn modified(&self) -> Option<Stamp> {
         let meta = std::fs::metadata(&self.path).ok()?;
         #[cfg(unix)]
@@ -490,6 +540,7 @@ impl Inner {
         self.doc = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a registry", self.path.display()))?;
         self.seen = seen;
+        self.generation += 1;
         Ok(())
     }
 
@@ -510,6 +561,7 @@ impl Inner {
             return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
         }
         self.seen = self.modified();
+        self.generation += 1;
         Ok(())
     }
 }
@@ -645,6 +697,41 @@ mod tests {
         assert!(two.device("d1").expect("reads").is_some());
         two.remove_device("d1", None).expect("removes");
         assert!(one.device("d1").expect("reads").is_none());
+    }
+
+    #[test]
+    fn concurrent_changes_through_two_instances_are_all_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instances = [
+            Registry::open(dir.path()).expect("opens"),
+            Registry::open(dir.path()).expect("opens"),
+        ];
+        std::thread::scope(|scope| {
+            for (n, registry) in instances.iter().enumerate() {
+                scope.spawn(move || {
+                    for i in 0..40 {
+                        registry
+                            .add_device(&format!("d{n}-{i}"), (None, None), None)
+                            .expect("adds");
+                    }
+                });
+            }
+        });
+        for registry in &instances {
+            assert_eq!(
+                registry.devices().expect("reads").len(),
+                80,
+                "no change lost"
+            );
+        }
+        assert_eq!(
+            Registry::open(dir.path())
+                .expect("reopens")
+                .devices()
+                .expect("reads")
+                .len(),
+            80
+        );
     }
 
     #[test]
