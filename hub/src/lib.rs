@@ -147,6 +147,7 @@ impl Hub {
             caller: caller.clone(),
             presence,
             jobs: jobs::Jobs::default(),
+            authorized: std::sync::Mutex::default(),
         });
         let mqtts_addr = mqtts.local_addr()?;
         let https_addr = https.local_addr()?;

@@ -247,7 +247,9 @@ impl Registry {
         Ok(f(&inner.doc))
     }
 
-    /// Runs `f` on the current document and writes it back if `f` succeeds.
+    /// Runs `f` on the current document and writes it back if `f` succeeds, holding
+    /// the cross-process lock throughout, so that no other process's change comes
+    /// between reading the file and writing it.
     fn change<T>(
         &self,
         f: impl FnOnce(&mut Document) -> Result<T, RegistryError>,
@@ -410,7 +412,7 @@ impl Registry {
                 .devices
                 .get_mut(id)
                 .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-            device.x509_thumbprints = thumbprints;
+            f(device);
             device.etag = new_etag();
             Ok(())
         })
