@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use edge_proto::BrokerUrl;
 use testkit::{Mosquitto, free_port, guest};
 
-use crate::load::{Errors, Generator, LatencyRun, ThroughputRun};
+use crate::load::{Errors, Generator, LatencyRun, Load, ThroughputRun};
 use crate::process::{self, DEVICE, Process};
 use crate::stats::{Samples, median, mib, us};
 
@@ -44,21 +44,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Options of the end-to-end benchmark.
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Calls timed one at a time (after the warm-up).
-    #[arg(long, default_value_t = 2_000)]
-    calls: usize,
-    /// Calls made one at a time before the timed ones.
-    #[arg(long, default_value_t = 200)]
-    warmup: usize,
-    /// Calls kept in flight for the throughput figure.
-    #[arg(long, default_value_t = 64)]
-    in_flight: usize,
-    /// Seconds the throughput window lasts (after a second of warm-up).
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
-    /// Payload size in bytes (a JSON string).
-    #[arg(long, default_value_t = 1024)]
-    payload: usize,
+    /// The calls made.
+    #[command(flatten)]
+    load: Load,
     /// Rounds, each starting every subject afresh and measuring it in turn, so that a
     /// slow spell of the machine weighs on all of them; each figure printed is the
     /// median of the rounds'.
@@ -147,8 +135,10 @@ impl Subject {
 
 /// A target on a ratio to the floor, from DESIGN.md.
 #[derive(Debug, Clone, Copy)]
-enum Target {
+pub enum Target {
+    /// The ratio must be this or less.
     AtMost(f64),
+    /// The ratio must be this or more.
     AtLeast(f64),
 }
 
@@ -247,7 +237,7 @@ struct Brokers {
 
 impl Brokers {
     async fn start(options: &Options) -> anyhow::Result<Self> {
-        let payload = format!("\"{}\"", "x".repeat(options.payload.saturating_sub(2))).into_bytes();
+        let payload = options.load.payload_bytes();
         let mosquitto = Mosquitto::start()?;
         let on_mosquitto =
             Generator::connect(&mosquitto.url(), DEVICE, METHOD, payload.clone()).await?;
@@ -363,12 +353,14 @@ async fn measure(
         "{} answers status {status} to a call of {METHOD}",
         process.name()
     );
-    let latency = load.latency(options.warmup, options.calls).await?;
+    let latency = load
+        .latency(options.load.warmup, options.load.calls)
+        .await?;
     let throughput = load
         .throughput(
-            options.in_flight,
+            options.load.in_flight,
             THROUGHPUT_WARMUP,
-            Duration::from_secs(options.seconds),
+            Duration::from_secs(options.load.seconds),
             || process.cpu_time(),
         )
         .await?;
@@ -383,7 +375,7 @@ async fn measure(
 }
 
 /// A free address on loopback for a broker to listen on.
-fn loopback_port() -> anyhow::Result<SocketAddr> {
+pub fn loopback_port() -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }
 
@@ -414,7 +406,7 @@ async fn connect_load(
 
 /// Copies the echo handler into `handlers`, with a sidecar opting in to instance
 /// reuse when `reuse`.
-fn deploy_echo(handlers: &Path, reuse: bool) -> anyhow::Result<()> {
+pub fn deploy_echo(handlers: &Path, reuse: bool) -> anyhow::Result<()> {
     let wasm = handlers.join("echo.wasm");
     std::fs::copy(guest("echo"), &wasm)
         .with_context(|| format!("copying the echo handler to {}", wasm.display()))?;
@@ -427,7 +419,7 @@ fn deploy_echo(handlers: &Path, reuse: bool) -> anyhow::Result<()> {
 }
 
 /// Calls until the first answer comes, and returns its status.
-async fn ready(load: &mut Generator, process: &mut Process) -> anyhow::Result<u16> {
+pub async fn ready(load: &mut Generator, process: &mut Process) -> anyhow::Result<u16> {
     let started = std::time::Instant::now();
     while started.elapsed() < READY_TIMEOUT {
         process.check_running()?;
@@ -470,22 +462,22 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
     println!(
         "end-to-end through Mosquitto (set_tcp_nodelay true) and edge-host's embedded broker, \
          method echo, {} B payload, {} rounds",
-        options.payload, options.rounds
+        options.load.payload, options.rounds
     );
     println!(
         "  @1: {} calls one at a time per round after {} to warm up",
-        options.calls, options.warmup
+        options.load.calls, options.load.warmup
     );
     println!(
         "  @{}: {} calls in flight for {} s per round after {} s to warm up",
-        options.in_flight,
-        options.in_flight,
-        options.seconds,
+        options.load.in_flight,
+        options.load.in_flight,
+        options.load.seconds,
         THROUGHPUT_WARMUP.as_secs()
     );
     println!(
         "  CPU/call (in the @{} window) and RSS (after it) are those of the process that answers",
-        options.in_flight
+        options.load.in_flight
     );
     println!(
         "  the responder reaches the embedded broker run on its own; edge-host runs its own, \
@@ -502,7 +494,7 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
         "",
         "p50 @1",
         "p99 @1",
-        format!("calls/s @{}", options.in_flight),
+        format!("calls/s @{}", options.load.in_flight),
         "CPU/call",
         "RSS"
     );
@@ -544,7 +536,7 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
         print_ratio("p50, 1 in flight", ratio(this.p50, floor.p50), p50);
         print_ratio("p99, 1 in flight", ratio(this.p99, floor.p99), p99);
         print_ratio(
-            &format!("calls/s, {} in flight", options.in_flight),
+            &format!("calls/s, {} in flight", options.load.in_flight),
             this.calls_per_second as f64 / floor.calls_per_second as f64,
             throughput,
         );
@@ -564,7 +556,7 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
 }
 
 /// One line of ratios: the ratio, and its target with whether it is met.
-fn print_ratio(what: &str, ratio: f64, target: Option<Target>) {
+pub fn print_ratio(what: &str, ratio: f64, target: Option<Target>) {
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     match target {
         Some(Target::AtMost(bound)) => println!(

@@ -19,6 +19,34 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests the client may queue: far more than the calls kept in flight.
 const QUEUE: usize = 4096;
 
+/// The calls a benchmark makes: how many one at a time, how many in flight for how
+/// long, and how large.
+#[derive(Debug, clap::Args)]
+pub struct Load {
+    /// Calls timed one at a time (after the warm-up).
+    #[arg(long, default_value_t = 2_000)]
+    pub calls: usize,
+    /// Calls made one at a time before the timed ones.
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    /// Calls kept in flight for the throughput figure.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// Seconds the throughput window lasts (after a second of warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Payload size in bytes (a JSON string).
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+}
+
+impl Load {
+    /// The payload every call sends: a JSON string [`Load::payload`] bytes long.
+    pub fn payload_bytes(&self) -> Vec<u8> {
+        format!("\"{}\"", "x".repeat(self.payload.saturating_sub(2))).into_bytes()
+    }
+}
+
 /// One MQTT client calling one method of one device.
 pub struct Generator {
     client: AsyncClient,
@@ -60,15 +88,26 @@ pub struct Errors {
 impl Errors {
     /// Counts `answer` if it is wrong; whether it was right.
     fn check(&mut self, answer: &Answer) -> bool {
-        if answer.status != 200 {
-            *self.by_status.entry(answer.status).or_default() += 1;
+        self.check_reply(answer.status, answer.echoed)
+    }
+
+    /// Counts an answer with `status` whose payload was (`echoed`) or was not the
+    /// request's, if it is wrong; whether it was right.
+    pub fn check_reply(&mut self, status: u16, echoed: bool) -> bool {
+        if status != 200 {
+            *self.by_status.entry(status).or_default() += 1;
             false
-        } else if !answer.echoed {
+        } else if !echoed {
             self.wrong_payload += 1;
             false
         } else {
             true
         }
+    }
+
+    /// Counts `calls` that got no answer.
+    pub fn add_missing(&mut self, calls: u64) {
+        self.missing += calls;
     }
 
     /// All the failed calls.

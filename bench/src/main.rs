@@ -13,17 +13,21 @@
 //!   teardown), without MQTT.
 //! - [`lang`]: the same for handlers in Python and JavaScript beside Rust's, with
 //!   their sizes and load times.
+//! - [`hub`]: edge-hub beside the direct paths: a REST call through the hub to an
+//!   edge-host against edge-invoker's Caller on the broker, and a device connected
+//!   through the hub against the same device on the broker.
 //! - [`process`]: the processes under test (the release edge-host, the responder),
 //!   their CPU time and RSS from `/proc`; [`stats`]: percentiles and units.
 //!
-//! `e2e` and `startup` run the release `edge-host` binary beside this one, so build
-//! both first: `cargo build --release -p edge-host -p edge-bench`, then
-//! `target/release/edge-bench <benchmark>`. The others run in this process:
+//! `e2e`, `startup` and `hub` run the release `edge-host` (and `edge-hub`) binaries
+//! beside this one, so build them first: `cargo build --release -p edge-bench -p
+//! edge-host -p edge-hub`, then `target/release/edge-bench <benchmark>`. The others run in this process:
 //! `cargo run --release -p edge-bench -- <benchmark>`.
 
 mod broker;
 mod e2e;
 mod floor;
+mod hub;
 mod lang;
 mod load;
 mod process;
@@ -34,8 +38,8 @@ mod stats;
 
 use clap::{Parser, Subcommand};
 
-/// Benchmarks of edge-methods. Build with `cargo build --release -p edge-host -p
-/// edge-bench`, run `target/release/edge-bench <benchmark>`.
+/// Benchmarks of edge-methods. Build with `cargo build --release -p edge-bench -p
+/// edge-host -p edge-hub`, run `target/release/edge-bench <benchmark>`.
 #[derive(Debug, Parser)]
 #[command(name = "edge-bench")]
 struct Args {
@@ -56,9 +60,15 @@ enum Benchmark {
     Sandbox(sandbox::Options),
     /// The sandbox cost of one call for Python and JavaScript handlers beside Rust's.
     Lang(lang::Options),
+    /// edge-hub beside the direct paths: REST through the hub vs edge-invoker on the
+    /// broker, to an edge-host; a device through the hub vs on the broker.
+    Hub(hub::Options),
     /// The floor of `e2e`: answers every request with its payload (started by `e2e`).
     #[command(hide = true)]
     FloorResponder(floor::Options),
+    /// The floor responder as a device connected through edge-hub (started by `hub`).
+    #[command(hide = true)]
+    HubDevice(floor::HubDeviceOptions),
     /// The embedded broker on its own, for `e2e`'s floor through it (started by `e2e`).
     #[command(hide = true)]
     EmbeddedBroker(broker::Options),
@@ -72,7 +82,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = match benchmark {
         Benchmark::E2e(_)
         | Benchmark::Startup(_)
+        | Benchmark::Hub(_)
         | Benchmark::FloorResponder(_)
+        | Benchmark::HubDevice(_)
         | Benchmark::EmbeddedBroker(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
@@ -88,7 +100,9 @@ fn main() -> anyhow::Result<()> {
             Benchmark::Startup(options) => startup::run(options).await,
             Benchmark::Reload(options) => reload::run(options).await,
             Benchmark::Sandbox(_) | Benchmark::Lang(_) => unreachable!("run above"),
+            Benchmark::Hub(options) => hub::run(options).await,
             Benchmark::FloorResponder(options) => floor::run(options).await,
+            Benchmark::HubDevice(options) => floor::run_through_hub(options).await,
             Benchmark::EmbeddedBroker(options) => broker::run(options).await,
         }
     })

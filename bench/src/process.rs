@@ -1,7 +1,8 @@
 //! The processes under test, each a child of the benchmark so that all of them are
-//! measured the same way: edge-host (the release binary beside this one), the floor
-//! responder (this binary's hidden `floor-responder`) and the embedded broker on its
-//! own (this binary's hidden `embedded-broker`). Their CPU time and memory come from
+//! measured the same way: edge-host and edge-hub (the release binaries beside this
+//! one), the floor responder (this binary's hidden `floor-responder`), the same
+//! responder as a device connected through edge-hub (`hub-device`) and the embedded
+//! broker on its own (`embedded-broker`). Their CPU time and memory come from
 //! `/proc`; they are stopped with SIGTERM, as a service manager would.
 
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ const STOP_GRACE: Duration = Duration::from_secs(20);
 /// A process under test, killed when dropped if it still runs.
 pub struct Process {
     child: Child,
-    /// What it is, for messages: `edge-host`, `floor-responder` or `embedded-broker`.
+    /// What it is, for messages: `edge-host`, `edge-hub`, `floor-responder`,
+    /// `hub-device` or `embedded-broker`.
     name: &'static str,
 }
 
@@ -62,22 +64,25 @@ impl Process {
         handlers: &Path,
         cache_dir: &Path,
     ) -> anyhow::Result<Self> {
-        let binary = host_binary()?;
-        let child = Command::new(&binary)
+        let mut command = Command::new(host_binary()?);
+        command
             .args(broker_args)
             .args(["--device-id", DEVICE, "--handlers"])
             .arg(handlers)
             .arg("--cache-dir")
-            .arg(cache_dir)
+            .arg(cache_dir);
+        Self::spawn(command, "edge-host")
+    }
+
+    /// Starts `command` (a release binary of the workspace) logging warnings only.
+    fn spawn(mut command: Command, name: &'static str) -> anyhow::Result<Self> {
+        let child = command
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self {
-            child,
-            name: "edge-host",
-        })
+            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
+        Ok(Self { child, name })
     }
 
     /// Starts the floor responder (this binary, `floor-responder`) for [`DEVICE`].
@@ -100,6 +105,50 @@ impl Process {
         Self::this_binary("embedded-broker", &["--listen", &listen.to_string()])
     }
 
+    /// Starts the release edge-hub on the registry in `data_dir`, relaying to `broker`,
+    /// devices on `mqtts`, the service API on `https`, logging warnings only.
+    ///
+    /// # Errors
+    /// When the edge-hub binary is not built or cannot be started.
+    pub fn hub(
+        broker: &BrokerUrl,
+        data_dir: &Path,
+        mqtts: SocketAddr,
+        https: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(hub_binary()?);
+        command
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--hostname", "localhost", "--broker", &broker.to_string()])
+            .args(["--mqtts-listen", &mqtts.to_string()])
+            .args(["--https-listen", &https.to_string()]);
+        Self::spawn(command, "edge-hub")
+    }
+
+    /// Starts the raw responder as a device connected through edge-hub (this binary,
+    /// `hub-device`): [`DEVICE`] on the hub's MQTT/TLS port `port` on loopback, trusting
+    /// `ca`, with the SAS `token`.
+    ///
+    /// # Errors
+    /// When this binary cannot be found or started again.
+    pub fn hub_device(port: u16, ca: &Path, token: &str) -> anyhow::Result<Self> {
+        let ca = ca.to_string_lossy();
+        Self::this_binary(
+            "hub-device",
+            &[
+                "--port",
+                &port.to_string(),
+                "--ca-file",
+                &ca,
+                "--device-id",
+                DEVICE,
+                "--token",
+                token,
+            ],
+        )
+    }
+
     /// Starts this binary again with its hidden `subcommand` and `args`.
     fn this_binary(subcommand: &'static str, args: &[&str]) -> anyhow::Result<Self> {
         let binary = std::env::current_exe().context("finding the edge-bench binary")?;
@@ -116,7 +165,8 @@ impl Process {
         })
     }
 
-    /// What it is: `edge-host`, `floor-responder` or `embedded-broker`.
+    /// What it is: `edge-host`, `edge-hub`, `floor-responder`, `hub-device` or
+    /// `embedded-broker`.
     pub fn name(&self) -> &'static str {
         self.name
     }
@@ -197,12 +247,26 @@ impl Drop for Process {
 /// # Errors
 /// When it is not there.
 pub fn host_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("edge-host")
+}
+
+/// The edge-hub binary beside this one.
+///
+/// # Errors
+/// When it is not there.
+pub fn hub_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("edge-hub")
+}
+
+/// The binary of package `name` beside this one (they build into one folder).
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let binary = std::env::current_exe()
         .context("finding the edge-bench binary")?
-        .with_file_name("edge-host");
+        .with_file_name(name);
     if !binary.is_file() {
         bail!(
-            "{} is missing: build both first with `cargo build --release -p edge-host -p edge-bench`",
+            "{} is missing: build it beside edge-bench first with \
+             `cargo build --release -p edge-bench -p edge-host -p edge-hub`",
             binary.display()
         );
     }

@@ -1,6 +1,6 @@
-//! The command line: with no command it runs the hub; `device add|list|remove` and
-//! `connection-string` manage the registry in the data folder, in the spirit of
-//! `az iot hub`. Commands print for people, and the one thing a script wants (a
+//! The command line: with no command it runs the hub; `device add|list|remove`,
+//! `certificate add|list|remove` and `connection-string` manage the registry in the
+//! data folder, in the spirit of `az iot hub`. Commands print for people, and the one thing a script wants (a
 //! connection string) as the last line.
 
 use std::io::Write;
@@ -91,6 +91,10 @@ pub enum Command {
     /// Devices in the registry.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// CA certificates that may sign devices' client certificates (as `az iot hub
+    /// certificate`).
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     /// Prints a service connection string (last line).
     ConnectionString {
         /// The shared access policy.
@@ -110,6 +114,10 @@ pub enum DeviceCommand {
         /// device may connect with instead of a SAS token; twice for a second one.
         #[arg(long = "x509-thumbprint", value_name = "HEX")]
         x509_thumbprints: Vec<String>,
+        /// The device may connect with a client certificate whose CN is its id, signed
+        /// by a CA certificate the registry trusts (`certificate add`).
+        #[arg(long = "x509-ca")]
+        x509_ca: bool,
     },
     /// Lists the registered devices.
     List,
@@ -122,6 +130,28 @@ pub enum DeviceCommand {
     ConnectionString {
         /// The device id.
         id: String,
+    },
+}
+
+/// `certificate ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// Trusts a CA certificate (PEM) to sign devices' client certificates: a device
+    /// added with `--x509-ca` connects with a certificate whose CN is its id, signed by
+    /// it. Whoever runs this vouches for the CA (IoT Hub's `--verified`).
+    Add {
+        /// Its name in the registry.
+        name: String,
+        /// The CA certificate, PEM.
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+    },
+    /// Lists the trusted CA certificates.
+    List,
+    /// No longer trusts a CA certificate.
+    Remove {
+        /// Its name in the registry.
+        name: String,
     },
 }
 
@@ -158,6 +188,7 @@ pub fn execute(config: &Config, command: &Command, out: &mut dyn Write) -> anyho
         Command::Device(DeviceCommand::Add {
             id,
             x509_thumbprints,
+            x509_ca,
         }) => {
             registry.add_device(id, (None, None), None)?;
             if !x509_thumbprints.is_empty()
@@ -165,6 +196,9 @@ pub fn execute(config: &Config, command: &Command, out: &mut dyn Write) -> anyho
             {
                 registry.remove_device(id, None)?;
                 return Err(e.into());
+            }
+            if *x509_ca {
+                registry.set_x509_ca(id, true)?;
             }
             writeln!(
                 out,
@@ -189,6 +223,36 @@ pub fn execute(config: &Config, command: &Command, out: &mut dyn Write) -> anyho
         Command::Device(DeviceCommand::ConnectionString { id }) => {
             writeln!(out, "{}", device_string(config, &registry, id)?)?;
         }
+        Command::Certificate(CertificateCommand::Add { name, path }) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let added = registry
+                .add_certificate(name, &pem)
+                .with_context(|| format!("{} was not added", path.display()))?;
+            writeln!(
+                out,
+                "Trusting CA certificate '{name}' ({}, SHA-256 {}) in {}.",
+                added.subject,
+                added.thumbprint,
+                registry.path().display()
+            )?;
+        }
+        Command::Certificate(CertificateCommand::List) => {
+            let certificates = registry.certificates()?;
+            if certificates.is_empty() {
+                writeln!(
+                    out,
+                    "No CA certificates. Trust one with: edge-hub certificate add NAME --path FILE"
+                )?;
+            }
+            for ca in certificates {
+                writeln!(out, "{}\t{}\t{}", ca.name, ca.thumbprint, ca.subject)?;
+            }
+        }
+        Command::Certificate(CertificateCommand::Remove { name }) => {
+            registry.remove_certificate(name)?;
+            writeln!(out, "Removed CA certificate '{name}'.")?;
+        }
         Command::ConnectionString { policy } => {
             let found = registry
                 .policy(policy)?
@@ -208,7 +272,7 @@ fn device_string(config: &Config, registry: &Registry, id: &str) -> anyhow::Resu
     let device = registry
         .device(id)?
         .with_context(|| format!("device '{id}' is not registered"))?;
-    let auth = if device.x509_thumbprints.is_empty() {
+    let auth = if device.x509_thumbprints.is_empty() && !device.x509_ca {
         DeviceAuth::SharedAccessKey(device.primary_key)
     } else {
         DeviceAuth::X509
@@ -285,6 +349,73 @@ mod tests {
         run(dir.path(), &["device", "remove", "pump-7"]).expect("removes");
         let error = run(dir.path(), &["device", "remove", "pump-7"]).expect_err("gone");
         assert!(error.to_string().contains("not registered"), "{error}");
+    }
+
+    #[test]
+    fn certificate_add_trusts_a_ca_and_refuses_what_is_not_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("fleet-ca.pem");
+        std::fs::write(&ca, params.self_signed(&key).expect("signs").pem()).expect("writes");
+        let leaf = dir.path().join("leaf.pem");
+        let not_ca = rcgen::CertificateParams::new(vec!["x".to_owned()]).expect("params");
+        std::fs::write(&leaf, not_ca.self_signed(&key).expect("signs").pem()).expect("writes");
+        let ca_arg = ca.to_str().expect("utf-8");
+        let out = run(
+            dir.path(),
+            &["certificate", "add", "fleet", "--path", ca_arg],
+        )
+        .expect("adds");
+        assert!(out.starts_with("Trusting CA certificate 'fleet'"), "{out}");
+        let error = run(
+            dir.path(),
+            &["certificate", "add", "fleet", "--path", ca_arg],
+        )
+        .expect_err("twice");
+        assert!(
+            format!("{error:#}").contains("already registered"),
+            "{error:#}"
+        );
+        let leaf_arg = leaf.to_str().expect("utf-8");
+        let error = run(
+            dir.path(),
+            &["certificate", "add", "leaf", "--path", leaf_arg],
+        )
+        .expect_err("not a CA");
+        assert!(
+            format!("{error:#}").contains("not a CA certificate"),
+            "{error:#}"
+        );
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("writes");
+        let error = run(
+            dir.path(),
+            &[
+                "certificate",
+                "add",
+                "junk",
+                "--path",
+                junk.to_str().expect("utf-8"),
+            ],
+        )
+        .expect_err("not PEM");
+        assert!(
+            format!("{error:#}").contains("exactly one certificate"),
+            "{error:#}"
+        );
+        let list = run(dir.path(), &["certificate", "list"]).expect("lists");
+        assert!(list.starts_with("fleet\t"), "{list}");
+        assert_eq!(list.lines().count(), 1, "{list}");
+        let out = run(dir.path(), &["device", "add", "cam-9", "--x509-ca"]).expect("adds");
+        assert!(out.ends_with("DeviceId=cam-9;x509=true\n"), "{out}");
+        run(dir.path(), &["certificate", "remove", "fleet"]).expect("removes");
+        let error = run(dir.path(), &["certificate", "remove", "fleet"]).expect_err("gone");
+        assert!(
+            error.to_string().contains("no CA certificate named"),
+            "{error}"
+        );
     }
 
     #[test]

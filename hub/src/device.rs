@@ -34,6 +34,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{self, QoS};
 use rumqttc::{AsyncClient, Event, LastWill};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -175,10 +176,14 @@ impl End {
     }
 }
 
-/// Serves one device connection (TLS already done, `certificate` the client's leaf
-/// certificate if it presented one) until it ends.
-pub async fn serve<S>(stream: S, devices: Arc<Devices>, peer: String, certificate: Option<Vec<u8>>)
-where
+/// Serves one device connection (TLS already done, `certificates` the chain the client
+/// presented, leaf first, or none) until it ends.
+pub async fn serve<S>(
+    stream: S,
+    devices: Arc<Devices>,
+    peer: String,
+    certificates: Vec<CertificateDer<'static>>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
@@ -204,7 +209,7 @@ where
             return conn.close().await;
         }
     };
-    let auth = match authenticate(&devices, &connect, certificate.as_deref()) {
+    let auth = match authenticate(&devices, &connect, &certificates) {
         Ok(auth) => auth,
         Err((code, why)) => {
             warn!(%peer, client_id = %connect.client_id, %why, ?code, "device refused");
@@ -285,11 +290,13 @@ struct Authenticated {
 /// Checks CONNECT as IoT Hub does: client id = a registered, enabled device; username
 /// `{hub}/{id}/?...`; password a SAS token for `{hub}/devices/{id}` signed with one of
 /// its keys, not expired; or no password and a client certificate whose thumbprint
-/// (SHA-256 or SHA-1) the device has registered.
+/// (SHA-256 or SHA-1) the device has registered, or, for a device registered for
+/// CA-signed certificates, one whose CN is its id and which chains to a CA the
+/// registry trusts.
 fn authenticate(
     devices: &Devices,
     connect: &mqttbytes::v4::Connect,
-    certificate: Option<&[u8]>,
+    certificates: &[CertificateDer<'static>],
 ) -> Result<Authenticated, (ConnectReturnCode, String)> {
     use ConnectReturnCode::{BadClientId, BadUserNamePassword, NotAuthorized, ServiceUnavailable};
     let id = connect.client_id.as_str();
@@ -322,7 +329,7 @@ fn authenticate(
         ));
     }
     if login.password.is_empty() {
-        let certificate = certificate.ok_or((
+        let certificate = certificates.first().ok_or((
             BadUserNamePassword,
             "no password (SAS token) and no client certificate".to_owned(),
         ))?;
@@ -340,7 +347,7 @@ fn authenticate(
                 .iter()
                 .any(|p| p.eq_ignore_ascii_case(registered.trim()))
         });
-        if !known {
+        if !known && !device.x509_ca {
             return Err((
                 NotAuthorized,
                 format!(
@@ -348,6 +355,17 @@ fn authenticate(
                     presented[0]
                 ),
             ));
+        }
+        if !known {
+            let cas: Vec<String> = devices
+                .registry
+                .certificates()
+                .map_err(|e| (ServiceUnavailable, format!("registry: {e:#}")))?
+                .into_iter()
+                .map(|ca| ca.pem)
+                .collect();
+            crate::pki::verify_ca_signed(certificates, &cas, id)
+                .map_err(|why| (NotAuthorized, why))?;
         }
         return Ok(Authenticated {
             device_id: id.to_owned(),

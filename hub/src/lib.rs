@@ -147,6 +147,7 @@ impl Hub {
             caller: caller.clone(),
             presence,
             jobs: jobs::Jobs::default(),
+            authorized: std::sync::Mutex::default(),
         });
         let mqtts_addr = mqtts.local_addr()?;
         let https_addr = https.local_addr()?;
@@ -241,13 +242,13 @@ async fn accept_devices(
                 connections.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_WAIT, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let certificate = stream
+                            let chain = stream
                                 .get_ref()
                                 .1
                                 .peer_certificates()
-                                .and_then(|chain| chain.first())
-                                .map(|leaf| leaf.to_vec());
-                            device::serve(stream, devices, peer.to_string(), certificate).await;
+                                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+                                .unwrap_or_default();
+                            device::serve(stream, devices, peer.to_string(), chain).await;
                         }
                         Ok(Err(e)) => debug!(%peer, error = %e, "device TLS handshake failed"),
                         Err(_) => debug!(%peer, "device TLS handshake timed out"),

@@ -134,7 +134,8 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 /// Asks every client for a certificate and requires none: a device may authenticate
 /// with a SAS token instead. Any certificate is taken at the TLS layer (its handshake
 /// signature is checked, proving the client holds its key); the device endpoint then
-/// compares its thumbprint with the registry's (IoT Hub's self-signed X.509 devices).
+/// compares its thumbprint with the registry's (IoT Hub's self-signed X.509 devices),
+/// or checks its chain to a registered CA and its CN ([`verify_ca_signed`]).
 #[derive(Debug)]
 struct AnyClientCertificate {
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
@@ -202,6 +203,94 @@ pub fn thumbprints(der: &[u8]) -> [String; 2] {
             der,
         )),
     ]
+}
+
+/// What the registry keeps of a CA certificate besides its PEM.
+#[derive(Debug, Clone)]
+pub struct CaInfo {
+    /// Its SHA-256 thumbprint, upper-case hex.
+    pub thumbprint: String,
+    /// Its subject, for people.
+    pub subject: String,
+}
+
+/// Checks that `pem` holds exactly one certificate, and that it is a CA (basic
+/// constraints `cA: true`).
+///
+/// # Errors
+/// When it is not PEM, holds no or several certificates, or is not a CA.
+pub fn ca_certificate(pem: &str) -> anyhow::Result<CaInfo> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the CA certificate is not PEM")?;
+    let [der] = certs.as_slice() else {
+        bail!(
+            "a CA certificate file must hold exactly one certificate (PEM), not {}",
+            certs.len()
+        );
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("the CA certificate is not X.509: {e}"))?;
+    if !cert.is_ca() {
+        bail!(
+            "'{}' is not a CA certificate (its basic constraints do not say cA: true)",
+            cert.subject()
+        );
+    }
+    Ok(CaInfo {
+        thumbprint: thumbprints(der)[0].clone(),
+        subject: cert.subject().to_string(),
+    })
+}
+
+/// Checks a device's client certificate `chain` (leaf first, as presented in the TLS
+/// handshake, whose signature proved the device holds the leaf's key) as IoT Hub checks
+/// CA-signed X.509 devices: it chains to one of the `cas` (PEM), is valid now, may be
+/// used for client authentication, and its subject's CN is `device_id`.
+///
+/// # Errors
+/// Why not, in words for the log.
+pub fn verify_ca_signed(
+    chain: &[CertificateDer<'static>],
+    cas: &[String],
+    device_id: &str,
+) -> Result<(), String> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| "no client certificate".to_owned())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in cas {
+        for der in rustls_pemfile::certs(&mut pem.as_bytes()).flatten() {
+            // A registered CA rustls cannot use as a trust anchor is skipped: the
+            // others may still sign the device's certificate.
+            let _ = roots.add(der);
+        }
+    }
+    if roots.is_empty() {
+        return Err("the registry trusts no CA certificate".to_owned());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("the registry's CA certificates: {e}"))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map_err(|e| format!("the client certificate does not chain to a registered CA: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("the client certificate is not X.509: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok());
+    match cn {
+        Some(cn) if cn == device_id => Ok(()),
+        Some(cn) => Err(format!(
+            "the client certificate's CN is '{cn}', not the device id '{device_id}'"
+        )),
+        None => Err("the client certificate's subject has no CN".to_owned()),
+    }
 }
 
 /// The rustls server configuration for `identity`, offering `alpn` protocols; with

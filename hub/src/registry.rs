@@ -3,10 +3,12 @@
 //!
 //! Every change is written atomically (a temporary file in the same folder, then a
 //! rename), so a crash never leaves half a registry. Before every read or change the
-//! file is read again if it changed on disk, so that hub instances sharing one folder
-//! (and the CLI's `device add`) see each other's changes; two instances changing the
-//! registry in the same instant may lose one of the two changes (there is no
-//! cross-process lock).
+//! file is read again if it changed on disk (its inode, mtime or length), so that hub
+//! instances sharing one folder (and the CLI's `device add`) see each other's changes.
+//! A change holds an exclusive advisory lock on `registry.json.lock` beside the file
+//! (`flock`) from reading the file to renaming the new one in, so two processes
+//! changing the registry at once take turns and neither loses the other's change.
+//! Reads take no lock: the rename makes every read see a whole file, old or new.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ use serde_json::{Map, Value};
 
 /// The registry file's name in the data folder.
 pub const FILE: &str = "registry.json";
+
+/// The lock file beside it, held while a change is read, made and written.
+pub const LOCK_FILE: &str = "registry.json.lock";
 
 /// What a service policy may do, as IoT Hub's permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -69,6 +74,27 @@ pub struct Device {
     /// device may connect with instead of a SAS token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub x509_thumbprints: Vec<String>,
+    /// Whether the device may connect with a client certificate whose CN is its id,
+    /// signed by one of the registry's CA certificates (IoT Hub's `certificateAuthority`
+    /// authentication).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub x509_ca: bool,
+}
+
+/// A CA certificate the registry trusts to sign device certificates, as IoT Hub's
+/// verified CA certificates (`az iot hub certificate create --verified`): whoever can
+/// write the registry is trusted to have checked that the CA is theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaCertificate {
+    /// Its name in the registry.
+    pub name: String,
+    /// The certificate, PEM.
+    pub pem: String,
+    /// Its SHA-256 thumbprint, upper-case hex.
+    pub thumbprint: String,
+    /// Its subject, for people.
+    pub subject: String,
 }
 
 /// A device twin's two property sets, each versioned.
@@ -106,6 +132,8 @@ impl Twin {
 struct Document {
     policies: Vec<Policy>,
     devices: BTreeMap<String, Device>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    certificates: Vec<CaCertificate>,
 }
 
 /// Why a registry operation was refused (as opposed to failing on disk).
@@ -134,6 +162,15 @@ pub enum RegistryError {
     /// A certificate thumbprint is not 40 or 64 hex digits (SHA-1 or SHA-256).
     #[error("thumbprint '{0}' is not 40 or 64 hex digits (SHA-1 or SHA-256)")]
     BadThumbprint(String),
+    /// A CA certificate is not one (not PEM, not a CA, not exactly one certificate).
+    #[error("{0}")]
+    BadCertificate(String),
+    /// A CA certificate name is taken.
+    #[error("a CA certificate named '{0}' is already registered")]
+    CertificateExists(String),
+    /// No CA certificate by that name.
+    #[error("no CA certificate named '{0}' is registered")]
+    CertificateNotFound(String),
     /// Reading or writing the file failed.
     #[error(transparent)]
     Io(#[from] anyhow::Error),
@@ -155,6 +192,8 @@ struct Inner {
     /// The file's identity when last read or written: every write renames a new file
     /// into place, so its inode tells a change even within the clock's granularity.
     seen: Option<Stamp>,
+    /// Raised whenever `doc` is read again or changed.
+    generation: u64,
 }
 
 impl Registry {
@@ -172,12 +211,20 @@ impl Registry {
             path,
             doc: Document::default(),
             seen: None,
+            generation: 0,
         };
         if inner.path.exists() {
             inner.reload()?;
         } else {
-            inner.doc.policies = default_policies();
-            inner.save()?;
+            // Two instances starting on a new folder at once: one makes the file, the
+            // other reads it, rather than each writing policies of its own.
+            let _locked = inner.lock_file()?;
+            if inner.path.exists() {
+                inner.reload()?;
+            } else {
+                inner.doc.policies = default_policies();
+                inner.save()?;
+            }
         }
         Ok(Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -200,18 +247,40 @@ impl Registry {
         Ok(f(&inner.doc))
     }
 
-    /// Runs `f` on the current document and writes it back if `f` succeeds.
+    /// Runs `f` on the current document and writes it back if `f` succeeds, holding
+    /// the cross-process lock throughout, so that no other process's change comes
+    /// between reading the file and writing it.
     fn change<T>(
         &self,
         f: impl FnOnce(&mut Document) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
         let mut inner = self.lock();
+        let _locked = inner.lock_file()?;
         inner.refresh()?;
         let mut doc = inner.doc.clone();
         let out = f(&mut doc)?;
         inner.doc = doc;
         inner.save()?;
         Ok(out)
+    }
+
+    /// A number that changes whenever the registry does (here or on disk), so that
+    /// what was checked against it (a service token) can be trusted until it changes.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn generation(&self) -> anyhow::Result<u64> {
+        let mut inner = self.lock();
+        inner.refresh()?;
+        Ok(inner.generation)
+    }
+
+    /// Whether `id` is registered.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn contains_device(&self, id: &str) -> anyhow::Result<bool> {
+        self.read(|doc| doc.devices.contains_key(id))
     }
 
     /// A device, if registered.
@@ -333,13 +402,81 @@ impl Registry {
                 return Err(RegistryError::BadThumbprint(thumbprint.clone()));
             }
         }
+        self.change_identity(id, |device| device.x509_thumbprints = thumbprints)
+    }
+
+    /// Changes device `id`'s identity with `f`, and so its etag.
+    fn change_identity(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<(), RegistryError> {
         self.change(|doc| {
             let device = doc
                 .devices
                 .get_mut(id)
                 .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-            device.x509_thumbprints = thumbprints;
+            f(device);
             device.etag = new_etag();
+            Ok(())
+        })
+    }
+
+    /// Lets `id` connect, or no longer connect, with a CA-signed certificate.
+    ///
+    /// # Errors
+    /// [`RegistryError::NotFound`] or a failure to write.
+    pub fn set_x509_ca(&self, id: &str, allowed: bool) -> Result<(), RegistryError> {
+        self.change_identity(id, |device| device.x509_ca = allowed)
+    }
+
+    /// The CA certificates devices' certificates may be signed by.
+    ///
+    /// # Errors
+    /// When the file changed on disk and cannot be read.
+    pub fn certificates(&self) -> anyhow::Result<Vec<CaCertificate>> {
+        self.read(|doc| doc.certificates.clone())
+    }
+
+    /// Trusts the CA certificate `pem` under `name` (letters, digits, `-`, `_`, `.`).
+    ///
+    /// # Errors
+    /// [`RegistryError::BadCertificate`] when `pem` is not exactly one CA certificate or
+    /// the name is invalid, [`RegistryError::CertificateExists`], or a failure to write.
+    pub fn add_certificate(&self, name: &str, pem: &str) -> Result<CaCertificate, RegistryError> {
+        let name_ok = (1..=128).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            return Err(RegistryError::BadCertificate(format!(
+                "invalid certificate name '{name}': 1 to 128 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let ca = crate::pki::ca_certificate(pem)
+            .map_err(|e| RegistryError::BadCertificate(format!("{e:#}")))?;
+        let certificate = CaCertificate {
+            name: name.to_owned(),
+            pem: pem.trim().to_owned() + "\n",
+            thumbprint: ca.thumbprint,
+            subject: ca.subject,
+        };
+        self.change(|doc| {
+            if doc.certificates.iter().any(|c| c.name == name) {
+                return Err(RegistryError::CertificateExists(name.to_owned()));
+            }
+            doc.certificates.push(certificate.clone());
+            Ok(certificate)
+        })
+    }
+
+    /// No longer trusts the CA certificate `name`.
+    ///
+    /// # Errors
+    /// [`RegistryError::CertificateNotFound`] or a failure to write.
+    pub fn remove_certificate(&self, name: &str) -> Result<(), RegistryError> {
+        self.change(|doc| {
+            let before = doc.certificates.len();
+            doc.certificates.retain(|c| c.name != name);
+            if doc.certificates.len() == before {
+                return Err(RegistryError::CertificateNotFound(name.to_owned()));
+            }
             Ok(())
         })
     }
@@ -367,6 +504,21 @@ impl Registry {
 }
 
 impl Inner {
+    /// Takes the exclusive advisory lock on [`LOCK_FILE`], waiting for another process
+    /// that holds it; it is released when the returned file is dropped.
+    fn lock_file(&self) -> anyhow::Result<std::fs::File> {
+        let path = self.path.with_file_name(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the registry's lock file {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+        Ok(file)
+    }
+
     fn modified(&self) -> Option<Stamp> {
         let meta = std::fs::metadata(&self.path).ok()?;
         #[cfg(unix)]
@@ -390,6 +542,7 @@ impl Inner {
         self.doc = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a registry", self.path.display()))?;
         self.seen = seen;
+        self.generation += 1;
         Ok(())
     }
 
@@ -410,6 +563,7 @@ impl Inner {
             return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
         }
         self.seen = self.modified();
+        self.generation += 1;
         Ok(())
     }
 }
@@ -454,6 +608,7 @@ fn new_device(
             ..Twin::default()
         },
         x509_thumbprints: Vec::new(),
+        x509_ca: false,
     })
 }
 
@@ -544,6 +699,41 @@ mod tests {
         assert!(two.device("d1").expect("reads").is_some());
         two.remove_device("d1", None).expect("removes");
         assert!(one.device("d1").expect("reads").is_none());
+    }
+
+    #[test]
+    fn concurrent_changes_through_two_instances_are_all_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instances = [
+            Registry::open(dir.path()).expect("opens"),
+            Registry::open(dir.path()).expect("opens"),
+        ];
+        std::thread::scope(|scope| {
+            for (n, registry) in instances.iter().enumerate() {
+                scope.spawn(move || {
+                    for i in 0..40 {
+                        registry
+                            .add_device(&format!("d{n}-{i}"), (None, None), None)
+                            .expect("adds");
+                    }
+                });
+            }
+        });
+        for registry in &instances {
+            assert_eq!(
+                registry.devices().expect("reads").len(),
+                80,
+                "no change lost"
+            );
+        }
+        assert_eq!(
+            Registry::open(dir.path())
+                .expect("reopens")
+                .devices()
+                .expect("reads")
+                .len(),
+            80
+        );
     }
 
     #[test]

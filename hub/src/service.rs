@@ -14,7 +14,8 @@
 //! A device is called when it is registered here or has a presence on the backend (an
 //! edge-host on the broker is called although it is not registered).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::Json;
@@ -24,7 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edge_invoker::call::{CONNECT_TIMEOUT_SECS, DEFAULT_RESPONSE_TIMEOUT, RESPONSE_TIMEOUT_SECS};
-use edge_invoker::{CallRequest, Caller};
+use edge_invoker::{CallRequest, Caller, ResponsePayload};
 use edge_proto::MAX_PAYLOAD;
 use edge_proto::iothub::{SasError, SasToken, unix_now};
 use serde_json::{Map, Value};
@@ -51,7 +52,26 @@ pub struct Service {
     pub presence: PresenceWatch,
     /// The jobs this instance runs.
     pub jobs: Jobs,
+    /// Service tokens whose signature was checked ([`Authorized`]).
+    pub authorized: Mutex<HashMap<String, Authorized>>,
 }
+
+/// A service token whose signature checked out: until it expires, and as long as the
+/// registry has not changed (its policies' keys may have), the same `Authorization`
+/// header is not parsed and its HMAC not computed again.
+pub struct Authorized {
+    /// The registry's generation when it was checked.
+    generation: u64,
+    /// When the token expires, unix seconds.
+    expiry: u64,
+    /// The rights of its policy.
+    rights: Vec<Right>,
+    /// Its policy's name, for messages.
+    policy: String,
+}
+
+/// How many checked tokens are kept; past it, the cache starts over.
+const AUTHORIZED_CACHE: usize = 1024;
 
 /// The service API's routes.
 pub fn router(service: Arc<Service>) -> axum::Router {
@@ -78,6 +98,45 @@ impl Service {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| ApiError::unauthorized("no Authorization header with a SAS token"))?;
+        let generation = self
+            .registry
+            .generation()
+            .map_err(|e| ApiError::server(format!("registry: {e:#}")))?;
+        let now = unix_now();
+        let cached = lock(&self.authorized).get(header).and_then(|seen| {
+            (seen.generation == generation && now < seen.expiry)
+                .then(|| (seen.rights.clone(), seen.policy.clone()))
+        });
+        let (granted, name) = match cached {
+            Some(found) => found,
+            None => {
+                let checked = self.check_token(header, now)?;
+                let found = (checked.rights.clone(), checked.policy.clone());
+                let mut cache = lock(&self.authorized);
+                if cache.len() >= AUTHORIZED_CACHE {
+                    cache.clear();
+                }
+                cache.insert(
+                    header.to_owned(),
+                    Authorized {
+                        generation,
+                        ..checked
+                    },
+                );
+                found
+            }
+        };
+        if !rights.iter().any(|r| granted.contains(r)) {
+            return Err(ApiError::unauthorized(format!(
+                "policy '{name}' does not have the right {rights:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses and checks a service token: a registry policy (`skn`), for this hub,
+    /// signed with one of the policy's keys, not expired at `now`.
+    fn check_token(&self, header: &str, now: u64) -> Result<Authorized, ApiError> {
         let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let name = token
             .key_name
@@ -94,18 +153,17 @@ impl Service {
             .policy(name)
             .map_err(|e| ApiError::server(format!("registry: {e:#}")))?
             .ok_or_else(|| ApiError::unauthorized(format!("no policy '{name}'")))?;
-        let now = unix_now();
         match token.verify(&policy.primary_key, now) {
             Err(SasError::BadSignature) => token.verify(&policy.secondary_key, now),
             other => other,
         }
         .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        if !rights.iter().any(|r| policy.rights.contains(r)) {
-            return Err(ApiError::unauthorized(format!(
-                "policy '{name}' does not have the right {rights:?}"
-            )));
-        }
-        Ok(())
+        Ok(Authorized {
+            generation: 0,
+            expiry: token.expiry,
+            rights: policy.rights,
+            policy: policy.name,
+        })
     }
 
     /// Whether the broker holds a presence for `id` now: the presence watch may not
@@ -153,7 +211,13 @@ impl Service {
                     "primaryThumbprint": device.x509_thumbprints.first(),
                     "secondaryThumbprint": device.x509_thumbprints.get(1),
                 },
-                "type": if device.x509_thumbprints.is_empty() { "sas" } else { "selfSigned" },
+                "type": if device.x509_ca {
+                    "certificateAuthority"
+                } else if device.x509_thumbprints.is_empty() {
+                    "sas"
+                } else {
+                    "selfSigned"
+                },
             },
             "capabilities": {"iotEdge": false},
         })
@@ -226,7 +290,7 @@ async fn invoke(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     service.authorize(&headers, &[Right::ServiceConnect])?;
     let Value::Object(body) = read_json(body).await? else {
         return Err(ApiError::argument("the request body is not a JSON object"));
@@ -257,7 +321,10 @@ async fn invoke(
         Duration::ZERO,
     )?;
     request.check()?;
-    let registered = service.device(&id)?.is_some();
+    let registered = service
+        .registry
+        .contains_device(&id)
+        .map_err(|e| ApiError::server(format!("registry: {e:#}")))?;
     if service.presence.get(&id).is_none() && !service.has_retained_presence(&id).await? {
         if !registered {
             return Err(ApiError::device_not_found(&id));
@@ -275,10 +342,21 @@ async fn invoke(
         request.connect_timeout = request.connect_timeout.saturating_sub(started.elapsed());
     }
     let response = service.caller.call(&request).await?;
-    Ok(Json(serde_json::json!({
-        "status": response.status,
-        "payload": response.payload.to_value(),
-    })))
+    // The device's payload is JSON already (checked by the Caller): spliced in as it
+    // came, rather than parsed into a tree and written out again.
+    let payload = match &response.payload {
+        ResponsePayload::Json(text) => text.clone(),
+        ResponsePayload::NotJson(text) => Value::String(text.clone()).to_string(),
+    };
+    let body = format!(r#"{{"status":{},"payload":{payload}}}"#, response.status);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// `GET /twins/{id}`.
@@ -324,8 +402,9 @@ async fn put_device(
         )));
     }
     let auth = &body["authentication"];
-    let thumbprints: Option<Vec<String>> = match auth["type"].as_str() {
-        None | Some("sas") => None,
+    let auth_type = auth["type"].as_str();
+    let thumbprints: Option<Vec<String>> = match auth_type {
+        None | Some("sas" | "certificateAuthority") => None,
         Some("selfSigned") => Some(
             ["primaryThumbprint", "secondaryThumbprint"]
                 .iter()
@@ -335,7 +414,8 @@ async fn put_device(
         ),
         Some(other) => {
             return Err(ApiError::argument(format!(
-                "authentication type '{other}' is not supported by edge-hub (sas or selfSigned)"
+                "authentication type '{other}' is not supported by edge-hub (sas, selfSigned \
+                 or certificateAuthority)"
             )));
         }
     };
@@ -359,17 +439,28 @@ async fn put_device(
             if_match,
         )
         .map_err(registry_error)?;
-    let device = match thumbprints {
-        Some(thumbprints) => {
+    // Only a request that names an authentication type changes it.
+    let x509_ca = auth_type
+        .map(|t| t == "certificateAuthority")
+        .filter(|ca| *ca != device.x509_ca);
+    let device = if thumbprints.is_some() || x509_ca.is_some() {
+        if let Some(thumbprints) = thumbprints {
             service
                 .registry
                 .set_thumbprints(&id, thumbprints)
                 .map_err(registry_error)?;
-            service
-                .device(&id)?
-                .ok_or_else(|| ApiError::device_not_found(&id))?
         }
-        None => device,
+        if let Some(x509_ca) = x509_ca {
+            service
+                .registry
+                .set_x509_ca(&id, x509_ca)
+                .map_err(registry_error)?;
+        }
+        service
+            .device(&id)?
+            .ok_or_else(|| ApiError::device_not_found(&id))?
+    } else {
+        device
     };
     Ok(Json(service.device_json(&id, &device)))
 }
@@ -488,11 +579,19 @@ async fn cancel_job(
     Ok(Json(job.to_json(&id)))
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn registry_error(error: RegistryError) -> ApiError {
     match error {
         RegistryError::InvalidId { .. }
         | RegistryError::BadKey(_)
-        | RegistryError::BadThumbprint(_) => ApiError::argument(error.to_string()),
+        | RegistryError::BadThumbprint(_)
+        | RegistryError::BadCertificate(_) => ApiError::argument(error.to_string()),
+        RegistryError::CertificateExists(_) | RegistryError::CertificateNotFound(_) => {
+            ApiError::argument(error.to_string())
+        }
         RegistryError::NotFound(id) => ApiError::device_not_found(&id),
         RegistryError::Exists(id) => ApiError::exists(&id),
         RegistryError::EtagMismatch(_) => ApiError::precondition(error.to_string()),

@@ -115,7 +115,7 @@ where
         device_end,
         devices,
         "websocket".to_owned(),
-        None,
+        Vec::new(),
     ));
     let (mut ws_read, mut ws_write) = tokio::io::split(ws);
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);

@@ -419,3 +419,86 @@ async fn a_device_with_a_registered_certificate_connects_without_a_token() {
     }
     hub.stop().await;
 }
+
+/// A CA for device certificates: (its certificate PEM, the issuer to sign with).
+fn device_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+/// A client certificate whose CN is `cn`, signed by `ca`: (certificate PEM, key PEM).
+fn signed_by(ca: &rcgen::Issuer<'static, rcgen::KeyPair>, cn: &str) -> (Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+#[tokio::test]
+async fn a_device_with_a_certificate_signed_by_a_registered_ca_connects_by_its_cn() {
+    let hub = TestHub::start().await.unwrap();
+    let (ca_pem, ca) = device_ca("fleet CA");
+    hub.hub.registry.add_certificate("fleet", &ca_pem).unwrap();
+    for id in ["ca-1", "ca-2"] {
+        hub.add_device(id);
+        hub.hub.registry.set_x509_ca(id, true).unwrap();
+    }
+    let good = signed_by(&ca, "ca-1");
+    let Attempt::Connected(mut device) =
+        connect_raw_with(&hub, "ca-1", &username("ca-1"), "", Some(good.clone())).await
+    else {
+        panic!("a certificate with CN ca-1 signed by the registered CA connects as ca-1");
+    };
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let caller = caller(&hub).await;
+    let call =
+        tokio::spawn(async move { caller.call(&CallRequest::new("ca-1", "ping", "3")).await });
+    answer_one(&mut device).await;
+    assert_eq!(call.await.unwrap().unwrap().status, 200);
+    drop(device);
+
+    let (_, other_ca) = device_ca("someone else's CA");
+    hub.add_device("plain");
+    for (what, id, client_auth) in [
+        (
+            "a CN of another device",
+            "ca-2",
+            Some(signed_by(&ca, "ca-1")),
+        ),
+        (
+            "a CA the registry does not trust",
+            "ca-1",
+            Some(signed_by(&other_ca, "ca-1")),
+        ),
+        (
+            "a device not registered for CA-signed certificates",
+            "plain",
+            Some(signed_by(&ca, "plain")),
+        ),
+    ] {
+        match connect_raw_with(&hub, id, &username(id), "", client_auth).await {
+            Attempt::Refused(got) => assert_eq!(got, ConnectReturnCode::NotAuthorized, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // Once the CA is no longer trusted, its certificates no longer connect.
+    hub.hub.registry.remove_certificate("fleet").unwrap();
+    match connect_raw_with(&hub, "ca-1", &username("ca-1"), "", Some(good)).await {
+        Attempt::Refused(got) => assert_eq!(got, ConnectReturnCode::NotAuthorized),
+        other => panic!("after the CA was removed: {other:?}"),
+    }
+    hub.stop().await;
+}

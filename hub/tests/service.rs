@@ -551,3 +551,101 @@ async fn jobs_are_checked_scheduled_and_cancelled() {
     }
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn two_hubs_adding_devices_at_once_to_one_registry_lose_none() {
+    let one = TestHub::start().await.unwrap();
+    let two = TestHub::start_with(None, Some(one.broker()), Some(&one.config.data_dir))
+        .await
+        .unwrap();
+    // Every PUT at once, half through each hub: their read-modify-writes of the shared
+    // file overlap, and each must keep the other's devices.
+    let mut puts = tokio::task::JoinSet::new();
+    for (n, hub) in [&one, &two].into_iter().enumerate() {
+        for i in 0..12 {
+            let addr = hub.hub.https_addr;
+            let ca = hub.ca();
+            let token = hub.service_token("iothubowner");
+            puts.spawn(async move {
+                let id = format!("h{n}-{i}");
+                https(
+                    addr,
+                    &ca,
+                    "PUT",
+                    &format!("/devices/{id}"),
+                    Some(&token),
+                    Some(&json!({ "deviceId": id })),
+                    &[],
+                )
+                .await
+            });
+        }
+    }
+    while let Some(put) = puts.join_next().await {
+        let (status, body) = put.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    for hub in [&one, &two] {
+        let (status, devices) = hub.rest("GET", "/devices", None).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(
+            devices.as_array().map(Vec::len),
+            Some(24),
+            "every device added through either hub is in the registry: {devices}"
+        );
+    }
+    // A removal through one hub is seen by the other at once.
+    let (status, _) = one.rest("DELETE", "/devices/h1-0", None).await.unwrap();
+    assert_eq!(status, 204);
+    let (status, body) = two.rest("GET", "/devices/h1-0", None).await.unwrap();
+    assert_eq!(
+        (status, body["errorCode"].as_u64()),
+        (404, Some(404_001)),
+        "{body}"
+    );
+    two.stop().await;
+    one.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_accepted_once_is_refused_once_it_has_expired() {
+    let hub = TestHub::start().await.unwrap();
+    let port = hub.hub.https_addr.port();
+    let owner_key = hub.policy_key("iothubowner");
+    let expiry = edge_proto::iothub::unix_now() + 2;
+    let token = edge_proto::iothub::sign(
+        &format!("localhost:{port}"),
+        &owner_key,
+        expiry,
+        Some("iothubowner"),
+    )
+    .unwrap();
+    let ca = hub.ca();
+    let call = || {
+        https(
+            hub.hub.https_addr,
+            &ca,
+            "GET",
+            "/devices",
+            Some(&token),
+            None,
+            &[],
+        )
+    };
+    // Twice while valid: the second is served from the checked-token cache.
+    assert_eq!(call().await.unwrap().0, 200);
+    assert_eq!(call().await.unwrap().0, 200);
+    while edge_proto::iothub::unix_now() < expiry {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let answer = call().await.unwrap();
+    assert_error(&answer, 401_002);
+    assert!(
+        answer.1["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{answer:?}"
+    );
+    hub.stop().await;
+}

@@ -128,15 +128,19 @@ impl TestHub {
         )
     }
 
-    /// A service token for `policy`.
-    pub fn service_token(&self, policy: &str) -> String {
-        let key = self
-            .hub
+    /// The primary key of `policy`.
+    pub fn policy_key(&self, policy: &str) -> String {
+        self.hub
             .registry
             .policy(policy)
             .unwrap()
             .unwrap()
-            .primary_key;
+            .primary_key
+    }
+
+    /// A service token for `policy`.
+    pub fn service_token(&self, policy: &str) -> String {
+        let key = self.policy_key(policy);
         sign(
             &format!("localhost:{}", self.hub.https_addr.port()),
             &key,
