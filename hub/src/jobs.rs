@@ -16,6 +16,7 @@ use edge_invoker::{CallRequest, Caller};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use crate::backend::PresenceWatch;
 use crate::error::ApiError;
 use crate::query::Query;
 
@@ -37,6 +38,8 @@ pub struct Job {
     created: SystemTime,
     state: Mutex<State>,
     cancel: tokio::sync::watch::Sender<bool>,
+    /// Each device's outcome once its call ended, as IoT Hub's `devices.jobs` lists it.
+    results: Mutex<Vec<Value>>,
 }
 
 #[derive(Clone)]
@@ -158,6 +161,7 @@ impl Jobs {
         job: MethodJob,
         devices: Vec<(String, Value)>,
         caller: Caller,
+        presence: PresenceWatch,
     ) -> Arc<Job> {
         let targets: Vec<String> = devices
             .into_iter()
@@ -179,9 +183,17 @@ impl Jobs {
                 failure_reason: None,
             }),
             cancel: tokio::sync::watch::Sender::new(false),
+            results: Mutex::new(Vec::new()),
         });
         self.lock().insert(id.to_owned(), Arc::clone(&this));
-        tokio::spawn(run(Arc::clone(&this), job, targets, caller));
+        tokio::spawn(run(
+            id.to_owned(),
+            Arc::clone(&this),
+            job,
+            targets,
+            caller,
+            presence,
+        ));
         this
     }
 
@@ -197,7 +209,83 @@ impl Jobs {
     }
 }
 
+/// Calls as the service API does: a device that never published presence (registered,
+/// never connected) is not online, unless it comes online within the connect timeout;
+/// else the caller would wait the whole response timeout for no one.
+async fn call_when_online(
+    caller: &Caller,
+    presence: &PresenceWatch,
+    mut request: CallRequest,
+) -> Result<edge_invoker::MethodResponse, edge_invoker::CallError> {
+    if presence.get(&request.device).is_none() {
+        let started = tokio::time::Instant::now();
+        if !presence
+            .wait_online(&request.device, request.connect_timeout)
+            .await
+        {
+            return Err(edge_invoker::CallError::NotOnline {
+                device: request.device,
+            });
+        }
+        request.connect_timeout = request.connect_timeout.saturating_sub(started.elapsed());
+    }
+    caller.call(&request).await
+}
+
+/// One device's outcome of job `id`, as an item of IoT Hub's `devices.jobs`: the
+/// method's answer under `outcome.deviceMethodResponse`, or the error's IoT Hub name
+/// and text under `error`.
+fn device_result(
+    id: &str,
+    device: &str,
+    started: SystemTime,
+    outcome: &Result<edge_invoker::MethodResponse, edge_invoker::CallError>,
+) -> Value {
+    let (status, outcome, error) = match outcome {
+        Ok(answer) => (
+            "completed",
+            serde_json::json!({"deviceMethodResponse": {
+                "status": answer.status,
+                "payload": answer.payload.to_value(),
+            }}),
+            Value::Null,
+        ),
+        Err(error) => (
+            "failed",
+            serde_json::json!({"deviceMethodResponse": null}),
+            serde_json::json!({
+                "code": error.code_and_name().map_or("InternalServerError", |(_, name)| name),
+                "description": error.to_string(),
+            }),
+        ),
+    };
+    let now = rfc3339(SystemTime::now());
+    let mut item = serde_json::json!({
+        "deviceId": device,
+        "jobId": id,
+        "jobType": "scheduleDeviceMethod",
+        "status": status,
+        "startTimeUtc": rfc3339(started),
+        "endTimeUtc": now,
+        "createdDateTimeUtc": rfc3339(started),
+        "lastUpdatedDateTimeUtc": now,
+        "outcome": outcome,
+    });
+    if !error.is_null() {
+        item["error"] = error;
+    }
+    item
+}
+
 impl Job {
+    /// Each device's outcome so far, as `devices.jobs` lists them.
+    pub fn device_results(&self) -> Vec<Value> {
+        self.results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -242,7 +330,14 @@ impl Job {
     }
 }
 
-async fn run(job: Arc<Job>, method: MethodJob, targets: Vec<String>, caller: Caller) {
+async fn run(
+    id: String,
+    job: Arc<Job>,
+    method: MethodJob,
+    targets: Vec<String>,
+    caller: Caller,
+    presence: PresenceWatch,
+) {
     let mut cancelled = job.cancel.subscribe();
     let wait = method
         .start
@@ -274,8 +369,16 @@ async fn run(job: Arc<Job>, method: MethodJob, targets: Vec<String>, caller: Cal
             request.connect_timeout = method.connect_timeout;
             let caller = caller.clone();
             let job = Arc::clone(&job);
+            let id = id.clone();
+            let presence = presence.clone();
             calls.spawn(async move {
-                let outcome = caller.call(&request).await;
+                let started = SystemTime::now();
+                let outcome = call_when_online(&caller, &presence, request.clone()).await;
+                let item = device_result(&id, &request.device, started, &outcome);
+                job.results
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(item);
                 let mut state = job.state();
                 state.running -= 1;
                 match outcome {

@@ -517,6 +517,20 @@ async fn query_devices(
     let text = body["query"]
         .as_str()
         .ok_or_else(|| ApiError::argument("the body has no query"))?;
+    if let Some(job) = job_of_devices_jobs_query(text) {
+        // A job this instance does not hold has no results here, as a query matching
+        // nothing.
+        let results = service
+            .jobs
+            .get(&job)
+            .map(|job| job.device_results())
+            .unwrap_or_default();
+        let mut response = Json(Value::Array(results)).into_response();
+        response
+            .headers_mut()
+            .insert("x-ms-item-type", HeaderValue::from_static("deviceJob"));
+        return Ok(response);
+    }
     let query = query::Query::parse(text).map_err(|e| ApiError::argument(e.to_string()))?;
     let devices = service
         .registry
@@ -532,6 +546,29 @@ async fn query_devices(
         .headers_mut()
         .insert("x-ms-item-type", HeaderValue::from_static("twin"));
     Ok(response)
+}
+
+/// The job id of `SELECT * FROM devices.jobs WHERE [devices.jobs.]jobId = 'ID'`, the
+/// one `devices.jobs` query edge-hub answers: each device's outcome of a job.
+fn job_of_devices_jobs_query(text: &str) -> Option<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let [select, star, from, table, r#where, condition @ ..] = words.as_slice() else {
+        return None;
+    };
+    let keywords = select.eq_ignore_ascii_case("select")
+        && *star == "*"
+        && from.eq_ignore_ascii_case("from")
+        && table.eq_ignore_ascii_case("devices.jobs")
+        && r#where.eq_ignore_ascii_case("where");
+    let condition = condition.concat();
+    let value = condition
+        .strip_prefix("devices.jobs.jobId=")
+        .or_else(|| condition.strip_prefix("jobId="))?;
+    let id = value
+        .strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))?;
+    (keywords && !id.is_empty()).then(|| id.to_owned())
 }
 
 /// `PUT /jobs/v2/{id}`: a `scheduleDeviceMethod` job.
@@ -551,9 +588,14 @@ async fn put_job(
         .iter()
         .map(|(id, device)| (id.clone(), service.twin_json(id, device)))
         .collect();
-    let started = service
-        .jobs
-        .start(&id, body, job, devices, service.caller.clone());
+    let started = service.jobs.start(
+        &id,
+        body,
+        job,
+        devices,
+        service.caller.clone(),
+        service.presence.clone(),
+    );
     Ok(Json(started.to_json(&id)))
 }
 

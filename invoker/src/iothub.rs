@@ -594,8 +594,7 @@ impl HubClient {
     }
 
     /// Each device's result of a job, from `SELECT * FROM devices.jobs`; `None` when
-    /// the hub does not answer that query (edge-hub does not), so that only the job's
-    /// statistics are known.
+    /// the hub does not answer that query, so that only the job's statistics are known.
     ///
     /// # Errors
     /// As [`HubClient::devices`], but for a refused query.
