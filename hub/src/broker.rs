@@ -65,28 +65,12 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<BrokerUrl> {
             }
         })
         .context("cannot start the embedded broker's thread")?;
-    wait_listening(listen)?;
+    edge_proto::client::wait_listening(listen, std::time::Duration::from_secs(5))
+        .context("the embedded broker did not start listening")?;
     tracing::info!(%listen, "embedded broker listening");
     let host = match listen.ip() {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         ip => ip.to_string(),
     };
     Ok(BrokerUrl::tcp(host, listen.port()))
-}
-
-/// Waits until the broker's thread accepts connections, so that the hub's first
-/// connection attempt does not fail for nothing.
-fn wait_listening(listen: SocketAddr) -> anyhow::Result<()> {
-    let reach = match listen.ip() {
-        ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], listen.port())),
-        _ => listen,
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::net::TcpStream::connect(reach).is_err() {
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("the embedded broker did not start listening on {listen} within 5 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    Ok(())
 }
