@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{TestHub, loopback, python, script, service, service_with};
+use common::{TestHub, loopback, script, service, service_with};
 use edge_invoker::{CallRequest, Caller, ConnectOptions};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -50,7 +50,7 @@ impl SdkDevice {
         args: &[&str],
         env: &[(&str, &std::path::Path)],
     ) -> Self {
-        let mut child = Command::new(python())
+        let mut child = Command::new(testkit::azure_python())
             .arg(script("device.py"))
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
@@ -185,7 +185,7 @@ async fn the_sdk_device_is_refused_with_bad_credentials() {
     let connect = |cs: String| {
         let ca = hub.ca();
         async move {
-            let out = Command::new(python())
+            let out = Command::new(testkit::azure_python())
                 .arg(script("connect.py"))
                 .env("EDGE_DEVICE_CONNECTION_STRING", cs)
                 .env("SSL_CERT_FILE", ca)

@@ -162,25 +162,6 @@ async fn invoker(env: &[(&str, &str)], args: &[&str]) -> Run {
     }
 }
 
-/// The Python interpreter with the Azure SDKs: `EDGE_PYTHON`, else `target/pyenv`.
-fn python() -> PathBuf {
-    let python = std::env::var_os("EDGE_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python"),
-        PathBuf::from,
-    );
-    let works = std::process::Command::new(&python)
-        .args(["-c", "import azure.iot.device, azure.iot.hub"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(
-        works,
-        "the Azure IoT SDKs for Python are not installed at {}: run `cargo xtask test`, or \
-         point EDGE_PYTHON at an interpreter with hub/tests/python/requirements.txt",
-        python.display()
-    );
-    python
-}
-
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
@@ -197,7 +178,7 @@ impl SdkDevice {
     /// Connects `connection_string`'s device, reporting `reported` in its twin, and
     /// waits until it takes calls.
     async fn start(hub: &TestHub, connection_string: &str, reported: Option<&Value>) -> Self {
-        let mut command = Command::new(python());
+        let mut command = Command::new(testkit::azure_python());
         command
             .arg(script("device.py"))
             .env("EDGE_DEVICE_CONNECTION_STRING", connection_string)
@@ -617,7 +598,11 @@ async fn sas_tokens_signed_by_edge_proto_are_the_python_sdks() {
             expiry.to_string(),
         ];
         args.extend(policy.map(str::to_owned));
-        let out = Command::new(python()).args(&args).output().await.unwrap();
+        let out = Command::new(testkit::azure_python())
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
         assert!(out.status.success(), "sas.py: {out:?}");
         let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
         let ours = sign(resource, key, expiry, policy).unwrap();

@@ -924,3 +924,25 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The Python interpreter with the Azure IoT SDKs that the hub's and the invoker's
+/// tests run as peers: `EDGE_PYTHON`, else `target/pyenv` (`cargo xtask test` installs
+/// it from hub/tests/python/requirements.txt). Fails, never skips, with how to install
+/// them when they are missing.
+pub fn azure_python() -> PathBuf {
+    let python = std::env::var_os("EDGE_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python"),
+        PathBuf::from,
+    );
+    let works = std::process::Command::new(&python)
+        .args(["-c", "import azure.iot.device, azure.iot.hub"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    assert!(
+        works,
+        "the Azure IoT SDKs for Python are not installed at {}: run `cargo xtask test`, or \
+         point EDGE_PYTHON at an interpreter with hub/tests/python/requirements.txt",
+        python.display()
+    );
+    python
+}

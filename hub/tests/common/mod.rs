@@ -397,28 +397,6 @@ impl RawDevice {
     }
 }
 
-/// The Python interpreter with the Azure SDKs: `EDGE_PYTHON`, else `target/pyenv`.
-/// Fails (never skips) with how to install them when they are missing.
-pub fn python() -> PathBuf {
-    let python = std::env::var_os("EDGE_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python"),
-        PathBuf::from,
-    );
-    let works = std::process::Command::new(&python)
-        .args(["-c", "import azure.iot.device, azure.iot.hub"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(
-        works,
-        "the Azure IoT SDKs for Python are not installed at {}: run `cargo xtask test` (which \
-         installs them), or `python3 -m venv target/pyenv && target/pyenv/bin/pip install \
-         azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six==1.17.0`, or point EDGE_PYTHON at \
-         an interpreter that has them",
-        python.display()
-    );
-    python
-}
-
 /// A script in `tests/python/`.
 pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -439,7 +417,7 @@ pub async fn service_with(
 ) -> serde_json::Value {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        Command::new(python())
+        Command::new(testkit::azure_python())
             .arg(script("service.py"))
             .args(args)
             .env("EDGE_SERVICE_CONNECTION_STRING", connection_string)
