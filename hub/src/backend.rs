@@ -160,6 +160,21 @@ impl PresenceWatch {
         }
     }
 
+    /// For a call to a device that never published presence (registered, never
+    /// connected): waits up to the call's connect timeout for it to come online, and
+    /// takes the wait off that timeout; false when it did not come online.
+    pub async fn wait_online_for(&self, request: &mut edge_invoker::CallRequest) -> bool {
+        let started = tokio::time::Instant::now();
+        if !self
+            .wait_online(&request.device, request.connect_timeout)
+            .await
+        {
+            return false;
+        }
+        request.connect_timeout = request.connect_timeout.saturating_sub(started.elapsed());
+        true
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Presence>> {
         self.devices.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -217,17 +217,10 @@ async fn call_when_online(
     presence: &PresenceWatch,
     mut request: CallRequest,
 ) -> Result<edge_invoker::MethodResponse, edge_invoker::CallError> {
-    if presence.get(&request.device).is_none() {
-        let started = tokio::time::Instant::now();
-        if !presence
-            .wait_online(&request.device, request.connect_timeout)
-            .await
-        {
-            return Err(edge_invoker::CallError::NotOnline {
-                device: request.device,
-            });
-        }
-        request.connect_timeout = request.connect_timeout.saturating_sub(started.elapsed());
+    if presence.get(&request.device).is_none() && !presence.wait_online_for(&mut request).await {
+        return Err(edge_invoker::CallError::NotOnline {
+            device: request.device,
+        });
     }
     caller.call(&request).await
 }

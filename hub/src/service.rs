@@ -331,15 +331,9 @@ async fn invoke(
         }
         // Registered, and never connected (a device through the hub, or an edge-host,
         // always publishes presence): offline, unless it comes online in time.
-        let started = tokio::time::Instant::now();
-        if !service
-            .presence
-            .wait_online(&id, request.connect_timeout)
-            .await
-        {
+        if !service.presence.wait_online_for(&mut request).await {
             return Err(ApiError::not_online(&id));
         }
-        request.connect_timeout = request.connect_timeout.saturating_sub(started.elapsed());
     }
     let response = service.caller.call(&request).await?;
     // The device's payload is JSON already (checked by the Caller): spliced in as it
