@@ -17,6 +17,6 @@ pub struct Options {
 /// # Errors
 /// When the broker cannot listen on the address.
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    edge_host::broker::start(options.listen)?;
+    edge_broker::start(options.listen)?;
     std::future::pending().await
 }

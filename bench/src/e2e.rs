@@ -7,7 +7,7 @@
 //! - edge-host serving it with instance reuse (a sidecar `echo.toml` saying
 //!   `reuse = true`), or a note that this build does not have it;
 //!
-//! and through the embedded broker (rumqttd):
+//! and through the embedded broker (edge-broker, `broker/`):
 //! - the same responder, through the embedded broker run on its own
 //!   ([`crate::broker`]), as Mosquitto runs: the embedded broker's own floor;
 //! - edge-host, fresh and reuse, on its own embedded broker: the default path, where

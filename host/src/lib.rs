@@ -23,11 +23,9 @@
 //!   each), its answer, and the context a handler version runs with. The modules
 //!   import one another one way: mqtt → dispatch → registry → sandbox → guest_io →
 //!   call → config.
-//! - [`broker`]: the embedded broker (rumqttd) for a single machine.
 //!
 //! [`run`] ties them together; the `edge-host` binary is a thin wrapper around it.
 
-pub mod broker;
 pub mod cache;
 pub mod call;
 pub mod config;
@@ -140,7 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None => Link::Broker {
             broker: match &config.broker {
                 Some(url) => url.clone(),
-                None => broker::start(config.listen)?,
+                None => edge_broker::start(config.listen)?.url,
             },
             device_id: device_id.clone(),
             namespace,

@@ -23,7 +23,7 @@ use edge_proto::iothub::HubTransport;
         EDGE_CONNECTION_STRING='HostName=my-hub.azure-devices.net;DeviceId=pump-7;SharedAccessKey=...' \\\n    \
         edge-host --handlers /opt/handlers\n      \
         answers Azure IoT Hub's direct methods as device pump-7 (add --transport mqtt-ws for port 443)\n\n\
-        Logging: RUST_LOG (default info; the embedded broker's own log is off, as it reports\n        every client disconnect as an error: RUST_LOG=info,rumqttd=info shows it)"
+        Logging: RUST_LOG (default info; RUST_LOG=info,edge_broker=debug also logs the embedded\n        broker's connections and why each ended)"
 )]
 struct Args {
     /// The device this host is; callers address it by this id.
@@ -206,7 +206,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();

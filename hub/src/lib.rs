@@ -21,7 +21,6 @@
 //! - [`error`]: IoT Hub's error bodies and codes (404103, 504101, ...).
 //! - [`backend`]: how the hub reaches the backend broker, the presence documents, and
 //!   [`PresenceWatch`](backend::PresenceWatch), every device's presence.
-//! - [`broker`]: the embedded broker (rumqttd) used when no `--broker` is given.
 //! - [`cli`]: the command line: run the hub, `device add|list|remove`,
 //!   `connection-string`.
 //!
@@ -29,7 +28,6 @@
 //! until an injected shutdown future completes.
 
 pub mod backend;
-pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod device;
@@ -102,7 +100,7 @@ impl Hub {
         let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"], false)?);
         let broker = match &config.broker {
             Some(url) => url.clone(),
-            None => broker::start(config.listen)?,
+            None => edge_broker::start(config.listen)?.url,
         };
         let backend = backend::Backend {
             broker: broker.clone(),

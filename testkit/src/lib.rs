@@ -33,7 +33,7 @@ pub fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Another test in the same binary may have set it up already.
     let _ = tracing_subscriber::registry()
         .with(filter)

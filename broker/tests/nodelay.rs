@@ -13,8 +13,10 @@ use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_op
 /// ACK, and one call through the broker takes ~44 ms instead of a fraction of one.
 #[test]
 fn the_embedded_broker_accepts_connections_with_tcp_nodelay() {
-    let port = testkit::free_port().expect("free port");
-    edge_host::broker::start(([127, 0, 0, 1], port).into()).expect("broker starts");
+    let port = edge_broker::start(([127, 0, 0, 1], 0).into())
+        .expect("broker starts")
+        .addr
+        .port();
 
     // A raw MQTT client, so that its own address is known; its CONNACK shows the
     // broker has accepted the connection and set the socket up.

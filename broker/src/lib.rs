@@ -1,0 +1,126 @@
+//! edge-broker: the embedded MQTT 3.1.1 broker that `edge-host` and `edge-hub` run when
+//! no `--broker` is given, so that one command serves a whole machine.
+//!
+//! It runs on a thread of its own, with one event loop (a single-threaded Tokio runtime)
+//! for every connection, as Mosquitto does: a message read from one client is routed and
+//! written to its subscribers on that same thread, so a call through it wakes no other
+//! thread. Every accepted socket has `TCP_NODELAY`.
+//!
+//! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
+//! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
+//! granted at most QoS 1); `+` and `#` wildcards, with `$` topics out of their reach
+//! at the first level; retained messages; wills, published when a connection ends
+//! without DISCONNECT (lost, timed out, malformed, or taken over); a second connection
+//! with the same client id replaces the first; keep-alive (1.5 times the client's);
+//! packets up to [`edge_proto::client::MAX_PACKET`].
+//!
+//! What it does not, on purpose: authentication and TLS (it listens on loopback unless
+//! told otherwise; fleets use their own broker), MQTT 5, and sessions that outlive their
+//! connection (a client asking for one is told none was present, as after an expiry).
+//! A subscriber that stops reading is sent at most [`router::MAX_QUEUED`] messages more;
+//! the rest are dropped and counted in the log, as Mosquitto's `max_queued_messages`.
+//!
+//! Modules: [`router`] holds the state (clients, the subscription tree, retained
+//! messages); `session` serves one connection.
+
+pub mod router;
+mod session;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use edge_proto::BrokerUrl;
+
+/// Why the broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The address is taken or not ours.
+    #[error(
+        "cannot start the embedded broker on {listen}: is another broker running there? \
+         Use --broker mqtt://HOST:PORT to connect to it, or --listen to pick another address"
+    )]
+    Bind {
+        /// The address asked for.
+        listen: SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+    /// The thread or its runtime could not be made.
+    #[error("cannot start the embedded broker's thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A broker that was started: where it listens. It runs until the process ends.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The address it is bound to (the real port when port 0 was asked for).
+    pub addr: SocketAddr,
+    /// How clients reach it: the bound address, or loopback when bound to all.
+    pub url: BrokerUrl,
+}
+
+/// Binds `listen` and starts the broker on a thread of its own, accepting connections
+/// when this returns.
+///
+/// # Errors
+/// When `listen` cannot be bound (another broker may already be there), or the thread
+/// cannot be started.
+pub fn start(listen: SocketAddr) -> Result<Running, StartError> {
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .map_err(|source| StartError::Bind { listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { listen, source })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Thread)?;
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, accept(listener));
+        })
+        .map_err(StartError::Thread)?;
+    tracing::info!(%addr, "embedded broker listening");
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "::1".to_owned(),
+        ip => ip.to_string(),
+    };
+    Ok(Running {
+        addr,
+        url: BrokerUrl::tcp(host, addr.port()),
+    })
+}
+
+/// Accepts connections for ever, a session task each.
+async fn accept(listener: std::net::TcpListener) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "the embedded broker cannot listen");
+            return;
+        }
+    };
+    let router = Rc::new(RefCell::new(router::Router::default()));
+    let mut serial: router::Serial = 0;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                serial += 1;
+                tokio::task::spawn_local(session::serve(stream, peer, serial, Rc::clone(&router)));
+            }
+            Err(error) => {
+                // Out of file descriptors, most likely: wait for some to close.
+                tracing::warn!(%error, "the embedded broker cannot accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
