@@ -13,10 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use edge_proto::{BrokerUrl, Namespace};
-use rumqttc::{
-    AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use edge_proto::{BrokerUrl, Namespace, client};
+use rumqttc::{Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
 /// Answers the client may queue: far more than the calls the benchmark keeps in flight.
 const QUEUE: usize = 4096;
@@ -115,12 +113,9 @@ pub fn client_tls(ca_file: &std::path::Path) -> anyhow::Result<Arc<rustls::Clien
 async fn answer(mut mqtt: MqttOptions, namespace: Namespace, who: &str) -> anyhow::Result<()> {
     mqtt.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, QUEUE);
-    let mut network = NetworkOptions::new();
-    // As edge-host: without it each answer can stall ~40 ms on a delayed ACK.
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
+        .set_max_packet_size(client::MAX_PACKET, client::MAX_PACKET);
+    // TCP_NODELAY, as edge-host: without it each answer can stall ~40 ms on a delayed ACK.
+    let (client, mut eventloop) = client::start(mqtt, QUEUE, client::CONNECT_TIMEOUT);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => client

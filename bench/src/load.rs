@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use edge_proto::{BrokerUrl, Namespace};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 
 /// How long a call may go unanswered before it counts as missing.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -194,19 +194,14 @@ impl Generator {
         payload: Vec<u8>,
     ) -> anyhow::Result<Self> {
         let namespace = Namespace::for_device(device_id)?;
-        let mut options = MqttOptions::new(
-            format!("edge-bench-load-{}", std::process::id()),
-            &broker.host,
-            broker.port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, QUEUE);
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        let options = edge_proto::client::options(
+            &format!("edge-bench-load-{}", std::process::id()),
+            broker,
+            &edge_proto::transport::Security::default(),
+            Duration::from_secs(30),
+        )?;
+        let (client, mut eventloop) =
+            edge_proto::client::start(options, QUEUE, edge_proto::client::CONNECT_TIMEOUT);
         client.try_subscribe(namespace.response_filter(), QoS::AtLeastOnce)?;
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use edge_proto::backoff::Backoff;
 use edge_proto::transport::Security;
 use edge_proto::{BrokerUrl, Namespace, Presence};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::sync::watch;
 
 /// The agent named in presence documents the hub publishes.
@@ -18,9 +18,6 @@ pub const AGENT: &str = concat!("edge-hub ", env!("CARGO_PKG_VERSION"));
 
 /// How long the broker may take to accept a connection.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// The largest packet sent to or read from the backend.
-pub const MAX_PACKET: usize = 1024 * 1024;
 
 /// How to reach the backend broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,26 +40,16 @@ impl Backend {
         will: Option<rumqttc::LastWill>,
         queue: usize,
     ) -> anyhow::Result<(AsyncClient, EventLoop)> {
-        let host = if self.broker.host.contains(':') {
-            format!("[{}]", self.broker.host)
-        } else {
-            self.broker.host.clone()
-        };
-        let mut options = MqttOptions::new(client_id, host, self.broker.port);
-        options
-            .set_clean_session(true)
-            .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        let mut options = edge_proto::client::options(
+            client_id,
+            &self.broker,
+            &self.security,
+            Duration::from_secs(30),
+        )?;
         if let Some(will) = will {
             options.set_last_will(will);
         }
-        self.security.apply(&self.broker, &mut options)?;
-        let (client, mut eventloop) = AsyncClient::new(options, queue);
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        network.set_connection_timeout(CONNECT_WAIT.as_secs());
-        eventloop.set_network_options(network);
-        Ok((client, eventloop))
+        Ok(edge_proto::client::start(options, queue, CONNECT_WAIT))
     }
 }
 
