@@ -325,6 +325,38 @@ impl Node {
 mod tests {
     use super::*;
 
+    impl Node {
+        fn count(&self) -> usize {
+            1 + self.children.values().map(Node::count).sum::<usize>()
+        }
+    }
+
+    /// rumqttd cached every topic it routed, and every call's topics are new (they carry
+    /// `$rid`): an embedded broker grew ~1 KiB per call. Routing here keeps nothing.
+    #[test]
+    fn routing_a_stream_of_new_topics_keeps_nothing() {
+        let mut router = Router::default();
+        let (mailbox, mut inbox) = mpsc::channel(MAX_QUEUED);
+        router.connect(1, "device", mailbox, Rc::new(Notify::new()), None);
+        router.subscribe(1, "devices/d/$iothub/methods/POST/#", QoS::AtMostOnce);
+        let nodes = router.subscriptions.count();
+        for rid in 0..10_000 {
+            let handed = router.publish(&Message {
+                topic: format!("devices/d/$iothub/methods/POST/echo/?$rid={rid}"),
+                payload: Bytes::from_static(b"{}"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+            });
+            assert_eq!(handed, 1);
+            assert!(inbox.try_recv().is_ok());
+        }
+        assert_eq!(router.subscriptions.count(), nodes);
+        assert!(router.retained.is_empty());
+        router.disconnect(1);
+        assert_eq!(router.subscriptions.count(), 1, "only the root is left");
+        assert!(router.clients.is_empty() && router.by_id.is_empty());
+    }
+
     #[test]
     fn filters_match_as_mqtt_says() {
         assert!(matches("a/b/c", "a/b/c"));
