@@ -36,6 +36,11 @@ pub struct Options {
     /// `load` is a cache hit after the first run (for profiling the calls alone).
     #[arg(long)]
     cache_dir: Option<std::path::PathBuf>,
+    /// Load as the host loads a new handler with its optimised code not cached: a
+    /// component of 1 MiB or more from the baseline compiler (Winch), so that `load`
+    /// is Winch's time and the calls run its code. Without it, every load is Cranelift's.
+    #[arg(long)]
+    baseline: bool,
 }
 
 /// One handler and the call it is measured with.
@@ -111,10 +116,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         options.calls
     );
     println!(
-        "  {:<44} {:>7} {:>8} | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
+        "  {:<44} {:>7} {:>8} {:>9} | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
         "subject",
         "size",
         "load",
+        "code",
         "fresh p50",
         "p99",
         "teardown",
@@ -143,6 +149,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             max_memory: DEFAULT_MAX_MEMORY,
             cache_dir: options.cache_dir.clone(),
             keep_resident: true,
+            baseline: options.baseline,
         })?;
         let request = Request {
             method: subject.method.into(),
@@ -168,10 +175,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         };
         let show = |figure: Option<Duration>| figure.map_or("-".to_owned(), us);
         println!(
-            "  {:<44} {:>5.1}MB {:>7.2}s | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
+            "  {:<44} {:>5.1}MB {:>7.2}s {:>9} | {:>10} {:>10} {:>9} {:>10} {:>6} | {:>9} {:>10} {:>9}",
             subject.name,
             wasm.len() as f64 / 1e6,
             load.as_secs_f64(),
+            fresh_code.tier().to_string(),
             show(fresh.as_ref().map(|f| f.call.percentile(50.0))),
             show(fresh.as_ref().map(|f| f.call.percentile(99.0))),
             show(fresh.as_ref().map(|f| f.teardown.percentile(50.0))),
@@ -185,7 +193,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "  load: compile (or, with --cache-dir, the cache) + pre-instantiate + methods(). fresh: instantiate + handle, then\n  \
+        "  load: compile (or, with --cache-dir, the cache) + pre-instantiate + methods(); code: which compiler's code the calls\n  \
+         ran (baseline: Winch, with --baseline, for components of 1 MiB or more; optimised: Cranelift). fresh: instantiate + handle, then\n  \
          teardown (p50, after the answer); cpu/call: this thread's CPU time per call, call and teardown (mean; holds on a\n  \
          busy machine, where wall-clock percentiles do not); faults: minor page faults per fresh call.\n  \
          targets: Python fresh p50 <= 1 ms (reuse <= 0.3 ms), JS fresh p50 <= 0.5 ms"

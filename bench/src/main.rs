@@ -9,6 +9,9 @@
 //!   warm), and the idle host's RSS.
 //! - [`reload`]: hot swap under steady load: rename → first call served by the new
 //!   version, and failed calls.
+//! - [`land`]: a new large (Python) handler landing, cache cold: rename → first
+//!   answer with the baseline compiler first and with Cranelift alone, the calls on
+//!   each build, and the host's memory.
 //! - [`sandbox`]: the sandbox cost of one call (fresh Store, instantiate, call,
 //!   teardown), without MQTT.
 //! - [`lang`]: the same for handlers in Python and JavaScript beside Rust's, with
@@ -19,7 +22,7 @@
 //! - [`process`]: the processes under test (the release edge-host, the responder),
 //!   their CPU time and RSS from `/proc`; [`stats`]: percentiles and units.
 //!
-//! `e2e`, `startup` and `hub` run the release `edge-host` (and `edge-hub`) binaries
+//! `e2e`, `startup`, `land` and `hub` run the release `edge-host` (and `edge-hub`) binaries
 //! beside this one, so build them first: `cargo build --release -p edge-bench -p
 //! edge-host -p edge-hub`, then `target/release/edge-bench <benchmark>`. The others run in this process:
 //! `cargo run --release -p edge-bench -- <benchmark>`.
@@ -28,6 +31,7 @@ mod broker;
 mod e2e;
 mod floor;
 mod hub;
+mod land;
 mod lang;
 mod load;
 mod process;
@@ -56,6 +60,9 @@ enum Benchmark {
     Startup(startup::Options),
     /// Hot reload under load: swaps a handler by atomic rename, again and again.
     Reload(reload::Options),
+    /// A new large (Python) handler landing, cache cold: rename → first answer, with
+    /// the baseline compiler first and with Cranelift alone.
+    Land(land::Options),
     /// The sandbox cost of one call, echo handler, without MQTT.
     Sandbox(sandbox::Options),
     /// The sandbox cost of one call for Python and JavaScript handlers beside Rust's.
@@ -82,6 +89,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = match benchmark {
         Benchmark::E2e(_)
         | Benchmark::Startup(_)
+        | Benchmark::Land(_)
         | Benchmark::Hub(_)
         | Benchmark::FloorResponder(_)
         | Benchmark::HubDevice(_)
@@ -99,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Benchmark::E2e(options) => e2e::run(options).await,
             Benchmark::Startup(options) => startup::run(options).await,
             Benchmark::Reload(options) => reload::run(options).await,
+            Benchmark::Land(options) => land::run(options).await,
             Benchmark::Sandbox(_) | Benchmark::Lang(_) => unreachable!("run above"),
             Benchmark::Hub(options) => hub::run(options).await,
             Benchmark::FloorResponder(options) => floor::run(options).await,

@@ -39,6 +39,25 @@ impl Process {
             ["--broker".to_owned(), broker.to_string()],
             handlers,
             cache_dir,
+            &[],
+        )
+    }
+
+    /// Starts the release edge-host as [`Process::host`] does, with `flags` added.
+    ///
+    /// # Errors
+    /// When the edge-host binary is not built or cannot be started.
+    pub fn host_flags(
+        broker: &BrokerUrl,
+        handlers: &Path,
+        cache_dir: &Path,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::host_with(
+            ["--broker".to_owned(), broker.to_string()],
+            handlers,
+            cache_dir,
+            flags,
         )
     }
 
@@ -56,6 +75,7 @@ impl Process {
             ["--listen".to_owned(), listen.to_string()],
             handlers,
             cache_dir,
+            &[],
         )
     }
 
@@ -63,6 +83,7 @@ impl Process {
         broker_args: [String; 2],
         handlers: &Path,
         cache_dir: &Path,
+        flags: &[&str],
     ) -> anyhow::Result<Self> {
         let mut command = Command::new(host_binary()?);
         command
@@ -70,7 +91,8 @@ impl Process {
             .args(["--device-id", DEVICE, "--handlers"])
             .arg(handlers)
             .arg("--cache-dir")
-            .arg(cache_dir);
+            .arg(cache_dir)
+            .args(flags);
         Self::spawn(command, "edge-host")
     }
 
@@ -184,14 +206,27 @@ impl Process {
     /// # Errors
     /// When `/proc/PID/status` cannot be read (the process is gone).
     pub fn rss(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// The most resident memory it has had (`VmHWM`), in bytes.
+    ///
+    /// # Errors
+    /// When `/proc/PID/status` cannot be read (the process is gone).
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmHWM")
+    }
+
+    /// The value of `field` in `/proc/PID/status`, given in kB there, in bytes.
+    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         let kib = status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|value| value.trim().strip_suffix("kB"))
             .and_then(|kib| kib.trim().parse::<u64>().ok())
-            .with_context(|| format!("no VmRSS in {path}"))?;
+            .with_context(|| format!("no {field} in {path}"))?;
         Ok(kib * 1024)
     }
 

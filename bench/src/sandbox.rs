@@ -58,6 +58,7 @@ fn measure(options: &Options, keep_resident: bool, reuse: bool) -> anyhow::Resul
         max_memory: DEFAULT_MAX_MEMORY,
         cache_dir: None,
         keep_resident,
+        baseline: false,
     })?;
     let wasm = std::fs::read(testkit::guest("echo"))?;
     let context = HandlerContext {

@@ -52,6 +52,11 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Whether to cache compiled handler code at all.
     pub cache: bool,
+    /// Whether a large new or changed handler (1 MiB or more, such as a Python or
+    /// JavaScript one) whose optimised code is not cached serves at once from a build
+    /// by wasmtime's baseline compiler (Winch), until the optimised build (Cranelift),
+    /// compiled in the background, replaces it.
+    pub baseline_compiler: bool,
     /// Limits that hold for every call.
     pub limits: Limits,
     /// Settings of handlers whose sidecar does not set them.
@@ -76,6 +81,7 @@ impl Default for Config {
             namespace: edge_proto::topic::DEFAULT_NAMESPACE.to_owned(),
             cache_dir: None,
             cache: true,
+            baseline_compiler: true,
             limits: Limits::default(),
             handler_defaults: HandlerSettings::default(),
         }

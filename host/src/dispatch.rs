@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::call::{Answer, CallError};
 use crate::config::DispatchLimits;
-use crate::registry::Registry;
+use crate::registry::{HandlerVersion, Registry};
 use crate::sandbox::{Request, Spent};
 
 /// What a served call still holds once its answer is ready: its fresh instance and its
@@ -62,11 +62,11 @@ impl Dispatcher {
         let elapsed_us = started.elapsed().as_micros();
         let shown = String::from_utf8_lossy(&payload[..payload.len().min(256)]);
         match outcome {
-            Ok((answer, digest, guard)) => {
+            Ok((answer, version, guard)) => {
                 tracing::info!(
                     method, rid = request_id, payload = %shown, status = answer.status,
-                    handler = %digest, elapsed_us, calls_confirmed = answered,
-                    "method called"
+                    handler = %version.label(), code = %version.code.tier(), elapsed_us,
+                    calls_confirmed = answered, "method called"
                 );
                 (answer, guard)
             }
@@ -87,7 +87,7 @@ impl Dispatcher {
         request_id: &str,
         caller_timeout: Option<Duration>,
         payload: &[u8],
-    ) -> Result<(Answer, String, CallGuard), CallError> {
+    ) -> Result<(Answer, Arc<HandlerVersion>, CallGuard), CallError> {
         let payload = json_payload(payload, self.limits.max_payload).map_err(|e| match e {
             PayloadError::TooLarge { .. } => CallError::PayloadTooLarge(e),
             _ => CallError::InvalidPayload(e),
@@ -137,7 +137,7 @@ impl Dispatcher {
                 status: response.status,
                 payload,
             },
-            version.label(),
+            version,
             guard,
         ))
     }

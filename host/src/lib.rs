@@ -14,7 +14,9 @@
 //!   swapped whole, so a call keeps the version it started on.
 //! - [`sandbox`]: wasmtime. Compiles and pre-instantiates each version once; every call
 //!   gets a fresh Store with a deadline (kept in host calls too: calls are futures) and
-//!   a memory cap.
+//!   a memory cap. A large new component serves first from a baseline (Winch) build;
+//!   [`optimiser`] compiles the optimised (Cranelift) build in the background and
+//!   swaps it in through the registry.
 //! - [`guest_io`]: what a handler prints or logs, to the host's log, capped per call.
 //! - [`loader`]: files to versions: reads the handlers folder, compiles what changed,
 //!   applies the folder's state to the registry; [`watcher`] runs it on file events.
@@ -33,6 +35,7 @@ pub mod dispatch;
 pub mod guest_io;
 pub mod loader;
 pub mod mqtt;
+pub mod optimiser;
 pub mod registry;
 pub mod sandbox;
 pub mod watcher;
@@ -49,6 +52,7 @@ pub use config::Config;
 use crate::dispatch::Dispatcher;
 use crate::loader::Loader;
 use crate::mqtt::{Link, Session, SessionConfig};
+use crate::optimiser::Optimiser;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
 
@@ -109,6 +113,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .max(config::DEFAULT_MAX_MEMORY),
         cache_dir: config.cache_dir(),
         keep_resident: true,
+        baseline: config.baseline_compiler,
     })?);
     let registry = Arc::new(Registry::new());
     let loader = Loader {
@@ -117,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         device_id: device_id.clone(),
         defaults: config.handler_defaults_with_share(),
         call_timeout: config.call_timeout(),
+        optimiser: Optimiser::start(Arc::clone(&sandbox), Arc::clone(&registry)),
     };
     let loader = {
         let registry = Arc::clone(&registry);

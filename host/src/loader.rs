@@ -9,6 +9,10 @@
 //! finds is applied in one swap ([`Registry::apply`]), so what serves depends on the
 //! folder's final state, not on the order the files are visited in.
 //!
+//! A large new component whose optimised code is not cached serves first from a
+//! baseline build (see [`crate::sandbox::Tier`]); once applied, it is handed to the
+//! [`Optimiser`], which swaps in the optimised build when it is ready.
+//!
 //! Only regular files (or symlinks to them) are read, each under a size cap
 //! ([`MAX_HANDLER_BYTES`], [`MAX_SIDECAR_BYTES`]); anything else named like a handler
 //! or a sidecar is reported in the catalog's failures, unread.
@@ -25,8 +29,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::call::HandlerContext;
 use crate::config::HandlerSettings;
+use crate::optimiser::{Job, Optimiser};
 use crate::registry::{Change, Fingerprint, HandlerVersion, Registry};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, Tier};
 
 /// Loads handler files into the registry.
 pub struct Loader {
@@ -40,6 +45,8 @@ pub struct Loader {
     pub defaults: HandlerSettings,
     /// The longest a call may run when a handler's sidecar does not say.
     pub call_timeout: Duration,
+    /// Builds the optimised code of versions loaded from baseline code.
+    pub optimiser: Optimiser,
 }
 
 /// The largest handler file read. Components of interpreted languages carry their
@@ -56,6 +63,7 @@ struct Loaded {
     file: String,
     label: String,
     methods: Vec<String>,
+    tier: Tier,
     load_ms: u128,
 }
 
@@ -78,10 +86,11 @@ impl Loader {
             }
         }
         let mut loaded = Vec::new();
+        let mut to_optimise = Vec::new();
         for path in &paths {
             let file = file_name(path);
             let started = Instant::now();
-            if let Some(change) = self.examine(registry, path, &file) {
+            if let Some(change) = self.examine(registry, path, &file, &mut to_optimise) {
                 if let Change::Loaded(_, version) = &change {
                     loaded.push(Loaded {
                         file: file.clone(),
@@ -91,6 +100,7 @@ impl Loader {
                             .into_iter()
                             .map(str::to_owned)
                             .collect(),
+                        tier: version.code.tier(),
                         load_ms: started.elapsed().as_millis(),
                     });
                 }
@@ -98,15 +108,22 @@ impl Loader {
             }
         }
         let refused = registry.apply(changes);
+        // After the swap: the optimiser skips versions the registry does not hold.
+        for job in to_optimise {
+            self.optimiser.submit(job);
+        }
         for Loaded {
             file,
             label,
             methods,
+            tier,
             load_ms,
         } in loaded
         {
             match refused.get(&file) {
-                None => tracing::info!(handler = %label, ?methods, load_ms, "handler loaded"),
+                None => {
+                    tracing::info!(handler = %label, ?methods, code = %tier, load_ms, "handler loaded")
+                }
                 Some(why) => tracing::error!(
                     handler = %label, error = %why,
                     "handler refused; it serves once the clash is gone, the last good version meanwhile"
@@ -117,7 +134,14 @@ impl Loader {
     }
 
     /// What changed about one handler file since the registry last saw it, if anything.
-    fn examine(&self, registry: &Registry, path: &Path, file: &str) -> Option<Change> {
+    /// A version loaded from baseline code adds its optimised build to `to_optimise`.
+    fn examine(
+        &self,
+        registry: &Registry,
+        path: &Path,
+        file: &str,
+        to_optimise: &mut Vec<Job>,
+    ) -> Option<Change> {
         let sidecar_path = path.with_extension("toml");
         let sources = match read_sources(path, &sidecar_path) {
             Ok(sources) => sources,
@@ -142,7 +166,13 @@ impl Loader {
             return None;
         }
         match self.load(file, &sources, &sidecar_path, &fingerprint) {
-            Ok(version) => Some(Change::Loaded(fingerprint, Box::new(version))),
+            Ok(version) => {
+                let version = Arc::new(version);
+                if version.code.tier() == Tier::Baseline {
+                    to_optimise.push(Job::new(file.to_owned(), sources.wasm, &version));
+                }
+                Some(Change::Loaded(fingerprint, version))
+            }
             Err(error) => {
                 let why = format!("{error:#}");
                 tracing::error!(handler = %file, error = %why, "handler failed to load; the last good version (if any) serves");

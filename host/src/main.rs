@@ -128,6 +128,12 @@ struct Args {
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
 
+    /// Compile new handlers only with the optimised compiler (Cranelift): a large one
+    /// (a Python or JavaScript handler) then serves only once that is done, seconds
+    /// later, rather than at once from a baseline (Winch) build.
+    #[arg(long)]
+    no_baseline_compiler: bool,
+
     /// A TOML config file (see edge-host.example.toml); flags override it.
     #[arg(long, env = "EDGE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -171,6 +177,9 @@ impl Args {
         }
         if self.no_cache {
             config.cache = false;
+        }
+        if self.no_baseline_compiler {
+            config.baseline_compiler = false;
         }
         if let Some(namespace) = self.namespace {
             config.namespace = namespace;

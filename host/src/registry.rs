@@ -64,7 +64,7 @@ pub struct Fingerprint {
 pub enum Change {
     /// A new version compiled and pre-instantiated: serve it, or, while one of its
     /// methods is served by another file, keep it waiting until that clash is gone.
-    Loaded(Fingerprint, Box<HandlerVersion>),
+    Loaded(Fingerprint, Arc<HandlerVersion>),
     /// The file as it is now cannot serve: keep the last good version, report why.
     /// No fingerprint when the file could not be read at all (not a regular file, too
     /// large): then the reason itself says what was seen.
@@ -86,6 +86,16 @@ struct Slot {
     failure: Option<String>,
     /// What the file was made of at the last attempt (none when it could not be read).
     seen: Option<Fingerprint>,
+}
+
+impl Slot {
+    /// Whether `version` serves or waits here.
+    fn holds(&self, version: &Arc<HandlerVersion>) -> bool {
+        [&self.serving, &self.waiting]
+            .into_iter()
+            .flatten()
+            .any(|held| Arc::ptr_eq(held, version))
+    }
 }
 
 /// A snapshot of what serves.
@@ -230,7 +240,7 @@ impl Registry {
                         let serving = files.get(&file).and_then(|slot| slot.serving.clone());
                         let slot = Slot {
                             serving,
-                            waiting: Some(Arc::from(version)),
+                            waiting: Some(version),
                             failure: None,
                             seen: Some(seen),
                         };
@@ -260,6 +270,53 @@ impl Registry {
         }
         self.generation.send_modify(|generation| *generation += 1);
         refused
+    }
+
+    /// Whether `version` of `file` serves, or waits to, now.
+    pub fn holds(&self, file: &str, version: &Arc<HandlerVersion>) -> bool {
+        self.snapshot()
+            .files
+            .get(file)
+            .is_some_and(|slot| slot.holds(version))
+    }
+
+    /// Replaces `baseline`, a version of `file` served (or waiting) from baseline code,
+    /// with `optimised`, the same version's optimised build, in one atomic swap as a
+    /// reload does: calls already running finish on the baseline code, every later one
+    /// runs on the optimised. Nothing else about the file changes (a failure reported
+    /// for a newer file stays), so the catalog is not republished.
+    ///
+    /// Returns false, changing nothing, when `baseline` is no longer what `file`
+    /// serves or waits with (the file changed or went), or when `optimised` lists other
+    /// methods than `baseline` did.
+    pub fn upgrade(
+        &self,
+        file: &str,
+        baseline: &Arc<HandlerVersion>,
+        optimised: HandlerVersion,
+    ) -> bool {
+        if optimised.method_names() != baseline.method_names() {
+            return false;
+        }
+        let optimised = Arc::new(optimised);
+        let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut files = guard.files.clone();
+        let Some(slot) = files.get_mut(file) else {
+            return false;
+        };
+        let is_baseline = |held: &Option<Arc<HandlerVersion>>| {
+            held.as_ref()
+                .is_some_and(|held| Arc::ptr_eq(held, baseline))
+        };
+        if is_baseline(&slot.serving) {
+            slot.serving = Some(optimised);
+        } else if is_baseline(&slot.waiting) {
+            slot.waiting = Some(optimised);
+        } else {
+            return false;
+        }
+        *guard = Arc::new(Table::from_files(files));
+        true
     }
 
     /// A receiver that sees every change, for republishing the catalog.

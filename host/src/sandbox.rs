@@ -1,5 +1,12 @@
-//! The sandbox: one wasmtime engine for the host, handler components compiled and
+//! The sandbox: the host's wasmtime engines, handler components compiled and
 //! pre-instantiated once per version, and a fresh, limited Store for every call.
+//!
+//! Code comes in two [`Tier`]s, each from an engine (and linker) of its own. The
+//! optimised engine (Cranelift, pooling allocator) builds the code calls run on in
+//! steady state, and only its code is cached. The baseline engine (Winch, wasmtime's
+//! single-pass compiler) builds a large new component in a fraction of that time, into
+//! slower code, so that it serves at once; the optimiser then compiles the optimised
+//! build in the background and the registry swaps it in.
 //!
 //! A call gets a fresh instance from the version's [`DeviceHandlerPre`], a deadline, a
 //! linear-memory cap enforced by a resource limiter, and WASI with nothing granted: no
@@ -19,8 +26,8 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::error::Context as _;
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut, Trap,
-    UpdateDeadline,
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreContextMut, Strategy,
+    Trap, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -55,6 +62,12 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// How long a handler may take to list its methods when it is loaded.
 const LOAD_DEADLINE: Duration = Duration::from_secs(2);
 
+/// The smallest component built by the baseline compiler first. Cranelift compiles a
+/// component of this size in about a tenth of a second (a Rust handler is 40-110 KB);
+/// the components of interpreted languages (12-18 MB, the interpreter inside) take
+/// seconds, and those are what the baseline build is for.
+pub const BASELINE_MIN_BYTES: usize = 1024 * 1024;
+
 /// Host-wide sandbox settings.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -67,12 +80,61 @@ pub struct SandboxConfig {
     /// Whether pool slots keep their pages mapped between instances (where the
     /// kernel supports resetting only the dirty ones); on unless measuring without.
     pub keep_resident: bool,
+    /// Whether a large new component (see [`BASELINE_MIN_BYTES`]) whose optimised
+    /// code is not cached serves first from a baseline build.
+    pub baseline: bool,
 }
 
-/// The engine and linker every handler version is compiled and linked with.
-pub struct Sandbox {
+/// Which compiler built a version's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Winch, wasmtime's baseline compiler: quick to compile, slower to run. Serves a
+    /// version only until its optimised build is ready; never cached.
+    Baseline,
+    /// Cranelift: the code calls run on in steady state, and the code that is cached.
+    Optimised,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Baseline => "baseline",
+            Self::Optimised => "optimised",
+        })
+    }
+}
+
+/// An engine and the linker that gives handlers the host's imports in it: code,
+/// linkers and pre-instances of one engine cannot be used with another.
+struct Compiler {
+    tier: Tier,
     engine: Engine,
     linker: Linker<CallState>,
+}
+
+impl Compiler {
+    /// The linker of `engine` (WASI p2 and the host interface), and the engine's epoch
+    /// ticker started.
+    fn new(tier: Tier, engine: Engine) -> wasmtime::Result<Self> {
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
+        DeviceHandler::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)
+            .context("linking the host interface")?;
+        start_epoch_ticker(&engine);
+        Ok(Self {
+            tier,
+            engine,
+            linker,
+        })
+    }
+}
+
+/// The engines and linkers every handler version is compiled and linked with.
+pub struct Sandbox {
+    /// Cranelift, pooling allocator: the steady-state code.
+    optimised: Compiler,
+    /// Winch, when a large new component may serve from a baseline build first.
+    baseline: Option<Compiler>,
     cache: Option<CompileCache>,
     compilations: AtomicU64,
     /// The largest linear memory the pool can give one instance.
@@ -80,8 +142,10 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Builds the engine (pooling allocator, epoch interruption) and the linker (WASI
-    /// p2 and the host interface), and starts the epoch ticker.
+    /// Builds the optimised engine (Cranelift, pooling allocator, epoch interruption)
+    /// and, when `config.baseline` is set, the baseline engine (Winch, instances
+    /// allocated on demand: it serves briefly, so it reserves no pool of its own), each
+    /// with its linker (WASI p2 and the host interface) and epoch ticker.
     ///
     /// # Errors
     /// When wasmtime refuses the configuration (for example the pool cannot be
@@ -94,44 +158,47 @@ impl Sandbox {
                 engine(config, false)?
             }
         };
-
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
-        DeviceHandler::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)
-            .context("linking the host interface")?;
-
-        start_epoch_ticker(&engine);
         let cache = config
             .cache_dir
             .clone()
             .map(|dir| CompileCache::new(dir, &engine));
+        let optimised = Compiler::new(Tier::Optimised, engine)?;
+        let baseline = if config.baseline {
+            Some(Compiler::new(Tier::Baseline, baseline_engine()?)?)
+        } else {
+            None
+        };
         Ok(Self {
-            engine,
-            linker,
+            optimised,
+            baseline,
             cache,
             compilations: AtomicU64::new(0),
             max_memory: config.max_memory,
         })
     }
 
-    /// How many components this sandbox has compiled (rather than taken from the
-    /// compiled-code cache).
+    /// How many components this sandbox has compiled into optimised code (rather than
+    /// taken from the compiled-code cache); baseline builds are not counted.
     pub fn compilations(&self) -> u64 {
         self.compilations.load(Ordering::Relaxed)
     }
 
-    /// The component of `wasm` (whose digest is `digest`): from the cache when a sound
-    /// entry is there, else compiled, and cached for next time.
-    fn component(&self, wasm: &[u8], digest: &str) -> wasmtime::Result<Component> {
-        if let Some(component) = self
-            .cache
-            .as_ref()
-            .and_then(|cache| cache.get(&self.engine, digest))
-        {
-            tracing::debug!(%digest, "compiled code taken from the cache");
+    /// The optimised component of `wasm` (whose digest is `digest`) if the cache has
+    /// a sound entry for it.
+    fn cached(&self, digest: &str) -> Option<Component> {
+        let component = self.cache.as_ref()?.get(&self.optimised.engine, digest)?;
+        tracing::debug!(%digest, "compiled code taken from the cache");
+        Some(component)
+    }
+
+    /// The optimised component of `wasm`: from the cache when a sound entry is there,
+    /// else compiled, and cached for next time.
+    fn optimised_component(&self, wasm: &[u8], digest: &str) -> wasmtime::Result<Component> {
+        if let Some(component) = self.cached(digest) {
             return Ok(component);
         }
-        let component = Component::new(&self.engine, wasm).context("not a valid component")?;
+        let component =
+            Component::new(&self.optimised.engine, wasm).context("not a valid component")?;
         self.compilations.fetch_add(1, Ordering::Relaxed);
         if let Some(cache) = &self.cache {
             cache.put(digest, &component);
@@ -139,8 +206,40 @@ impl Sandbox {
         Ok(component)
     }
 
-    /// Compiles a handler component (or takes it from the cache by `digest`),
-    /// pre-instantiates it against the linker, and asks it once which methods it serves.
+    /// The quickest build of `wasm` that can serve, and the compiler it is of: the
+    /// optimised code from the cache; else, for a large component with the baseline
+    /// compiler on, a baseline build; else the optimised build, compiled now. A
+    /// component the baseline compiler refuses (a feature Winch lacks) is compiled
+    /// optimised now, with a note in the log.
+    fn first_component(
+        &self,
+        wasm: &[u8],
+        digest: &str,
+    ) -> wasmtime::Result<(&Compiler, Component)> {
+        if let Some(component) = self.cached(digest) {
+            return Ok((&self.optimised, component));
+        }
+        if let Some(baseline) = self
+            .baseline
+            .as_ref()
+            .filter(|_| wasm.len() >= BASELINE_MIN_BYTES)
+        {
+            match Component::new(&baseline.engine, wasm) {
+                Ok(component) => return Ok((baseline, component)),
+                Err(error) => tracing::info!(
+                    %digest, error = %format!("{error:#}"),
+                    "the baseline compiler cannot build this component; compiling the optimised build before it serves"
+                ),
+            }
+        }
+        Ok((&self.optimised, self.optimised_component(wasm, digest)?))
+    }
+
+    /// Builds a handler version's code as soon as it can serve (see
+    /// [`HandlerCode::tier`]): the optimised code from the cache by `digest`, else a
+    /// baseline build of a large component (then run [`Sandbox::optimise`] for the
+    /// code to serve in steady state), else the optimised build, compiled and cached.
+    /// Pre-instantiates it against the linker, and asks it once which methods it serves.
     ///
     /// # Errors
     /// When the handler asks for more memory than the host allows, a granted folder
@@ -164,25 +263,53 @@ impl Sandbox {
         if let Err(error) = context.grants.check() {
             wasmtime::bail!("invalid grants: {error:#}");
         }
-        let component = self.component(wasm, digest)?;
-        let pre = match self.linker.instantiate_pre(&component) {
-            Ok(pre) => pre,
-            Err(error) => return Err(missing_imports(&self.engine, &component, error)),
-        };
-        let pre = DeviceHandlerPre::new(pre)
-            .context("the component does not implement the edge:methods handler world")?;
-        let context = Arc::new(context);
-        let methods = list_methods(&self.engine, &pre, &context)
-            .context("listing the handler's methods failed")?;
-        check_methods(&methods)?;
-        Ok(HandlerCode {
-            engine: self.engine.clone(),
-            pre,
-            context,
-            methods,
-            warm: Mutex::new(Vec::new()),
-        })
+        let (compiler, component) = self.first_component(wasm, digest)?;
+        prepare(compiler, &component, Arc::new(context))
     }
+
+    /// The optimised build of a version that serves from `baseline` code (see
+    /// [`Sandbox::load`]): compiled now, or taken from the cache should another host
+    /// have put it there meanwhile; cached; pre-instantiated with the same context.
+    /// Blocks for as long as Cranelift takes (seconds for a large component).
+    ///
+    /// # Errors
+    /// As [`Sandbox::load`], should the optimised build fail where the baseline one
+    /// did not.
+    pub fn optimise(
+        &self,
+        wasm: &[u8],
+        digest: &str,
+        baseline: &HandlerCode,
+    ) -> wasmtime::Result<HandlerCode> {
+        let component = self.optimised_component(wasm, digest)?;
+        prepare(&self.optimised, &component, Arc::clone(&baseline.context))
+    }
+}
+
+/// Pre-instantiates `component` against `compiler`'s linker and asks it once which
+/// methods it serves.
+fn prepare(
+    compiler: &Compiler,
+    component: &Component,
+    context: Arc<HandlerContext>,
+) -> wasmtime::Result<HandlerCode> {
+    let pre = match compiler.linker.instantiate_pre(component) {
+        Ok(pre) => pre,
+        Err(error) => return Err(missing_imports(&compiler.engine, component, error)),
+    };
+    let pre = DeviceHandlerPre::new(pre)
+        .context("the component does not implement the edge:methods handler world")?;
+    let methods = list_methods(&compiler.engine, &pre, &context)
+        .context("listing the handler's methods failed")?;
+    check_methods(&methods)?;
+    Ok(HandlerCode {
+        tier: compiler.tier,
+        engine: compiler.engine.clone(),
+        pre,
+        context,
+        methods,
+        warm: Mutex::new(Vec::new()),
+    })
 }
 
 /// The packages whose interfaces the host links (WASI 0.2 through wasmtime-wasi, and
@@ -293,6 +420,18 @@ fn engine(config: &SandboxConfig, keep_resident: bool) -> wasmtime::Result<Engin
     Engine::new(&engine_config).context("configuring wasmtime")
 }
 
+/// The baseline engine: Winch, epoch interruption on (Winch checks the epoch as
+/// Cranelift does, so deadlines hold). Instances are allocated on demand rather than
+/// from a pool: baseline code serves a version for seconds, and a second pool would
+/// reserve as much address space again for the whole life of the host.
+fn baseline_engine() -> wasmtime::Result<Engine> {
+    let mut engine_config = wasmtime::Config::new();
+    engine_config
+        .strategy(Strategy::Winch)
+        .epoch_interruption(true);
+    Engine::new(&engine_config).context("configuring wasmtime's baseline compiler (Winch)")
+}
+
 /// A fresh Store for one call: WASI with only what the handler's grants give, its
 /// output going to the log, its memory capped, its deadline set.
 fn new_store(
@@ -381,6 +520,9 @@ fn check_methods(methods: &[MethodInfo]) -> wasmtime::Result<()> {
 
 /// One compiled, pre-instantiated handler version.
 pub struct HandlerCode {
+    /// Which compiler built it.
+    tier: Tier,
+    /// The engine it was built by: its Stores must be of the same.
     engine: Engine,
     pre: DeviceHandlerPre<CallState>,
     context: Arc<HandlerContext>,
@@ -412,6 +554,12 @@ impl HandlerCode {
     /// The methods this version serves, as it listed them when loaded.
     pub fn methods(&self) -> &[MethodInfo] {
         &self.methods
+    }
+
+    /// Which compiler built it: baseline code serves only until the optimised build
+    /// of the same version replaces it.
+    pub fn tier(&self) -> Tier {
+        self.tier
     }
 
     /// Runs one call: in a fresh instance, or in a warm one when the handler opted in
@@ -645,7 +793,13 @@ mod tests {
             max_memory: 1 << 20,
             cache_dir: None,
             keep_resident: false,
+            baseline: false,
         };
         engine(&config, false).expect("a plain pooling engine");
+    }
+
+    #[test]
+    fn the_baseline_engine_builds() {
+        baseline_engine().expect("a Winch engine");
     }
 }
