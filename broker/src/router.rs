@@ -120,18 +120,6 @@ impl Router {
         Some((client.will, client.kick))
     }
 
-    /// Drops the will of connection `serial`: it said DISCONNECT.
-    pub fn clear_will(&mut self, serial: Serial) {
-        if let Some(client) = self.clients.get_mut(&serial) {
-            client.will = None;
-        }
-    }
-
-    /// Whether connection `serial` is still the one registered (not replaced).
-    pub fn is_current(&self, serial: Serial) -> bool {
-        self.clients.contains_key(&serial)
-    }
-
     /// Subscribes connection `serial` to `filter` (already checked valid) at `qos`,
     /// replacing an earlier subscription to the same filter, and returns the retained
     /// messages it matches.

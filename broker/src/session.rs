@@ -118,9 +118,10 @@ pub async fn serve(
     let end = session.run(&mut conn, inbox, &kick, keep_alive).await;
     let will = match &end {
         End::TakenOver => None,
+        // A client that said DISCONNECT has its will dropped.
         End::Disconnected => {
-            router.borrow_mut().clear_will(serial);
-            router.borrow_mut().disconnect(serial)
+            router.borrow_mut().disconnect(serial);
+            None
         }
         End::Lost(_) => router.borrow_mut().disconnect(serial),
     };
