@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     let config = cli.config();
     let result = match &cli.command {
         Some(command) => execute(&config, command, &mut std::io::stdout().lock()),
-        None => tokio::runtime::Runtime::new()
+        None => runtime(cli.threads)
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(edge_hub::run(config, shutdown_signal()))),
     };
@@ -30,6 +30,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime the hub runs on: one thread, or a pool of `threads` workers.
+fn runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(threads));
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
@@ -48,5 +60,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The thread a task spawned on `runtime` runs on.
+    fn spawned_on(runtime: &tokio::runtime::Runtime) -> std::thread::ThreadId {
+        runtime.block_on(async {
+            tokio::spawn(async { std::thread::current().id() })
+                .await
+                .expect("the task finishes")
+        })
+    }
+
+    #[test]
+    fn one_thread_runs_tasks_on_the_hubs_own_thread_and_more_on_a_pool() {
+        let own = std::thread::current().id();
+        assert_eq!(spawned_on(&super::runtime(1).expect("builds")), own);
+        assert_ne!(spawned_on(&super::runtime(2).expect("builds")), own);
     }
 }

@@ -321,11 +321,13 @@ async fn invoke(
         Duration::ZERO,
     )?;
     request.check()?;
-    let registered = service
-        .registry
-        .contains_device(&id)
-        .map_err(|e| ApiError::server(format!("registry: {e:#}")))?;
+    // A device with presence is online or was: the registry is read (a stat of its
+    // file) only for one that never was.
     if service.presence.get(&id).is_none() && !service.has_retained_presence(&id).await? {
+        let registered = service
+            .registry
+            .contains_device(&id)
+            .map_err(|e| ApiError::server(format!("registry: {e:#}")))?;
         if !registered {
             return Err(ApiError::device_not_found(&id));
         }
