@@ -168,10 +168,11 @@ pub enum TargetError {
 }
 
 impl TargetError {
-    /// The exit for this error: no device to call is 3, a bad argument is 2.
+    /// The exit for this error: no device to call is 6 (no such device), a bad argument
+    /// is 2.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::NoDevice(_) => Exit::NotOnline,
+            Self::NoDevice(_) => Exit::NoSuchDevice,
             _ => Exit::Usage,
         }
     }
@@ -484,7 +485,7 @@ mod tests {
             error.to_string(),
             "no device to call: none of the 2 devices the broker knows matches 'nope-*'"
         );
-        assert_eq!(error.exit(), Exit::NotOnline);
+        assert_eq!(error.exit(), Exit::NoSuchDevice);
         let error = select(&patterns(&["x?"]), &[], &[]).expect_err("none");
         assert_eq!(
             error.to_string(),

@@ -284,25 +284,34 @@ async fn methods(global: &GlobalArgs, args: MethodsArgs, io: &mut Io<'_>) -> Exi
         Err(error) => return io.fail_call(&error),
     };
     if state.catalog.is_none() {
-        let why = match (&via, &state.presence) {
-            (Via::Hub(_), _) => format!(
-                "device '{}' reports no method catalog in its twin (properties.reported.methods \
-                 is missing or not a list of methods)",
-                args.device
+        let (why, exit) = match (&via, &state.presence) {
+            (Via::Hub(_), _) => (
+                format!(
+                    "device '{}' reports no method catalog in its twin \
+                     (properties.reported.methods is missing or not a list of methods)",
+                    args.device
+                ),
+                Exit::NoCatalog,
             ),
-            (Via::Broker(_), None) => format!(
-                "the broker holds no method catalog for device '{}': no such device, or one \
-                 that publishes no catalog",
-                args.device
+            (Via::Broker(_), None) => (
+                format!(
+                    "no such device: the broker holds neither a presence nor a method catalog \
+                     for device '{}'",
+                    args.device
+                ),
+                Exit::NoSuchDevice,
             ),
-            (Via::Broker(_), Some(presence)) => format!(
-                "device '{}' is {} but the broker holds no method catalog for it",
-                args.device,
-                if presence.online { "online" } else { "offline" }
+            (Via::Broker(_), Some(presence)) => (
+                format!(
+                    "device '{}' is {} but the broker holds no method catalog for it",
+                    args.device,
+                    if presence.online { "online" } else { "offline" }
+                ),
+                Exit::NoCatalog,
             ),
         };
         io.fail(&why);
-        return Exit::NotOnline;
+        return exit;
     }
     let text = match format {
         Format::Json => output::fleet::methods_json(&state),

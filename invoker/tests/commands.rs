@@ -175,6 +175,24 @@ async fn offline_reason(broker: &BrokerUrl, device: &str) -> String {
     presence["reason"].as_str().expect("a reason").to_owned()
 }
 
+/// Makes the broker retain a presence saying `device` is online, with nothing behind
+/// it: no catalog, no answers. Returns once the broker has it (its echo came back).
+async fn online_without_host(broker: &BrokerUrl, device: &str) -> RawClient {
+    let topic = format!("devices/{device}/$edge/presence");
+    let mut client = RawClient::connect(broker, std::slice::from_ref(&topic))
+        .await
+        .expect("client");
+    client
+        .publish_retained(&topic, br#"{"online":true}"#.as_slice())
+        .await
+        .expect("presence");
+    client
+        .next_where(Duration::from_secs(10), |t| t == topic)
+        .await
+        .expect("the broker holds the presence");
+    client
+}
+
 /// The fleet most tests run against.
 struct Fleet {
     site: Site,
@@ -550,19 +568,31 @@ async fn methods_shows_the_retained_catalog_and_calls_nothing() {
     );
     assert_eq!(shown["methods"].as_array().map(Vec::len), Some(12));
 
-    // An unknown device: exit 3, one line, nothing on stdout.
+    // An unknown device: exit 6 (no such device), one line, nothing on stdout.
     for args in [&["methods", "nobody"][..], &["--json", "methods", "nobody"]] {
         let run = invoker(&broker, args).await;
         assert_eq!(
             (run.code, run.stdout.as_str(), run.stderr.as_str()),
             (
-                3,
+                6,
                 "",
-                "error: the broker holds no method catalog for device 'nobody': no such \
-                 device, or one that publishes no catalog\n"
+                "error: no such device: the broker holds neither a presence nor a method \
+                 catalog for device 'nobody'\n"
             )
         );
     }
+
+    // A device the broker knows that publishes no catalog: exit 8, not "no such device".
+    let _bare = online_without_host(&broker, "bare").await;
+    let run = invoker(&broker, &["methods", "bare"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (
+            8,
+            "",
+            "error: device 'bare' is online but the broker holds no method catalog for it\n"
+        )
+    );
 
     // No request reached any device.
     let marker = RawClient::connect(&broker, &[]).await.expect("client");
@@ -580,13 +610,7 @@ async fn broadcast_reports_each_device_once_with_totals() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
     // A device that says it is online and never answers.
-    let mute = RawClient::connect(&broker, &[]).await.expect("client");
-    mute.publish_retained(
-        "devices/mute/$edge/presence",
-        br#"{"online":true}"#.as_slice(),
-    )
-    .await
-    .expect("presence");
+    let _mute = online_without_host(&broker, "mute").await;
 
     let heavy = heavy();
     let args = [
@@ -716,12 +740,12 @@ async fn broadcast_reports_each_device_once_with_totals() {
         Some("2 devices: 2 succeeded, 0 failed, 0 not online, 0 timed out")
     );
 
-    // A pattern that matches nothing calls nothing: exit 3.
+    // A pattern that matches nothing calls nothing: exit 6, no such device.
     let run = invoker(&broker, &["broadcast", "echo", "--devices", "valve-*"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str(), run.stderr.as_str()),
         (
-            3,
+            6,
             "",
             "error: no device to call: none of the 5 devices the broker knows matches 'valve-*'\n"
         )
