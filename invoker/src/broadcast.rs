@@ -9,9 +9,9 @@
 //! outright (a literal `--devices` or a line of `--devices-file`), which are called
 //! whatever the broker knows of them, as `call` does.
 //!
-//! How: [`run`] makes the calls itself, a bounded number at once; on IoT Hub,
-//! [`run_job`] has the hub run them as a `scheduleDeviceMethod` job and reads each
-//! device's result back from it.
+//! How: [`broadcast`] picks one of two ways. [`run`] makes the calls itself, a bounded
+//! number at once; on IoT Hub, [`run_job`] has the hub run them as a
+//! `scheduleDeviceMethod` job and reads each device's result back from it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -328,6 +328,40 @@ pub async fn run(
     }
     results.sort_by(|a, b| a.device.cmp(&b.device));
     results
+}
+
+/// How a broadcast ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ran {
+    /// The hub ran it as a `scheduleDeviceMethod` job.
+    Job(JobOutcome),
+    /// The calls were made from here: one result per device, sorted by device.
+    Calls(Vec<DeviceResult>),
+}
+
+/// Calls `request`'s method on `devices` through `via`: on a hub that runs jobs, as a
+/// job ([`run_job`], `progress` seeing its statistics as it goes); else from here
+/// ([`run`], at most `concurrency` at once, `each` seeing every result as it comes).
+///
+/// # Errors
+/// When the hub refuses or fails the job, or the job outlives its time limit.
+pub async fn broadcast(
+    via: &Via,
+    request: &CallRequest,
+    devices: &[String],
+    concurrency: usize,
+    progress: impl FnMut(&JobStatistics),
+    each: impl FnMut(&DeviceResult),
+) -> Result<Ran, CallError> {
+    if let Via::Hub(hub) = via
+        && let Some(job) = run_job(hub, request, devices, progress).await?
+    {
+        return Ok(Ran::Job(job));
+    }
+    // On the broker, or a hub without jobs: the calls are made from here.
+    Ok(Ran::Calls(
+        run(via, request, devices, concurrency, each).await,
+    ))
 }
 
 /// What a job on the hub came to.

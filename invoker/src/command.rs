@@ -9,7 +9,7 @@ use edge_proto::Namespace;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::debug;
 
-use crate::broadcast::{self, DeviceResult, Totals};
+use crate::broadcast::{self, DeviceResult, Ran, Totals};
 use crate::call::{
     ArgumentError, CallError, CallRequest, MethodResponse, ResponsePayload, read_payload,
 };
@@ -375,36 +375,21 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
         let _ = io.stderr.write_all(line.as_bytes());
     }
     let bar = progress_bar(format, io, targets.len());
-    if let Via::Hub(hub) = &via {
-        let job = broadcast::run_job(hub, &request, &targets, |stats| {
+    let mut totals = Totals::default();
+    let mut stdout_failed = false;
+    let stdout = &mut *io.stdout;
+    let ran = broadcast::broadcast(
+        &via,
+        &request,
+        &targets,
+        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        |stats| {
             bar.set_position(stats.succeeded_count + stats.failed_count);
             bar.set_message(output::job::progress(&Totals {
                 failed: usize::try_from(stats.failed_count).unwrap_or(usize::MAX),
                 ..Totals::default()
             }));
-        })
-        .await;
-        match job {
-            Ok(Some(job)) => {
-                bar.finish_and_clear();
-                return Ok(job_report(format, io, &job));
-            }
-            // No jobs on this hub: the calls are made from here, as on the broker.
-            Ok(None) => {}
-            Err(error) => {
-                bar.finish_and_clear();
-                return Err(io.fail_call(&error));
-            }
-        }
-    }
-    let mut totals = Totals::default();
-    let mut stdout_failed = false;
-    let stdout = &mut *io.stdout;
-    let results = broadcast::run(
-        &via,
-        &request,
-        &targets,
-        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        },
         |result: &DeviceResult| {
             totals.add(broadcast::Outcome::of(result));
             bar.inc(1);
@@ -421,6 +406,11 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
     .await;
     bar.finish_and_clear();
     via.close().await;
+    let results = match ran {
+        Ok(Ran::Calls(results)) => results,
+        Ok(Ran::Job(job)) => return Ok(job_report(format, io, &job)),
+        Err(error) => return Err(io.fail_call(&error)),
+    };
 
     let exit = broadcast::exit(&results);
     Ok(match format {

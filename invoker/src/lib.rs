@@ -16,7 +16,8 @@
 //!   commands ask it and do not care which.
 //! - [`fleet`]: devices as the broker knows them (retained presence and catalog),
 //!   for `devices` and `methods`.
-//! - [`broadcast`]: a job calling one method on many devices with bounded concurrency,
+//! - [`broadcast`]: a job calling one method on many devices (as a hub job, or from
+//!   here with bounded concurrency), choosing its devices,
 //!   its results and totals.
 //! - [`pattern`]: device patterns, globs over device ids (`pump-*`).
 //! - [`cli`]: the command line (clap): global options and subcommands.
