@@ -7,12 +7,12 @@
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use edge_host::cache::CompileCache;
 use sha2::{Digest as _, Sha256};
-use testkit::{HandlerDir, Mosquitto, guest};
+use testkit::{ChildGuard, HandlerDir, Mosquitto, guest};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -186,7 +186,7 @@ fn spawn_host(
     cache: Option<&Path>,
     log: &Path,
     env: &[(&str, &Path)],
-) -> Child {
+) -> ChildGuard {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edge-host"));
     command
         .args(["--device-id", device, "--broker", &broker.url().to_string()])
@@ -204,13 +204,12 @@ fn spawn_host(
         .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
         .env("RUST_LOG", "warn,edge_host::sandbox=debug")
         .stdin(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("edge-host starts")
+        .stderr(std::fs::File::create(log).expect("log file"));
+    ChildGuard::spawn(&mut command).expect("edge-host starts")
 }
 
 /// Stops a host with SIGTERM and returns its log.
-fn stop(mut host: Child, log: &Path) -> String {
+fn stop(mut host: ChildGuard, log: &Path) -> String {
     let killed = Command::new("kill")
         .args(["-TERM", &host.id().to_string()])
         .status()

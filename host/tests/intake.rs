@@ -99,14 +99,12 @@ async fn a_flood_while_answers_cannot_drain_is_refused_past_the_intake_bound() {
             async move { while read_packet(&mut from_host, &mut buffer).await.is_some() {} },
         );
     let pending_bound = format!("host intake limit {}", max_in_flight * 4);
-    let waited = std::time::Instant::now();
-    while logs.lines_with(&pending_bound).is_empty() {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "requests past the intake bound are refused with 503 ({pending_bound})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::eventually(
+        &format!("requests past the intake bound are refused with 503 ({pending_bound})"),
+        Duration::from_secs(30),
+        || std::future::ready((!logs.lines_with(&pending_bound).is_empty()).then_some(())),
+    )
+    .await;
     assert!(!host.is_finished(), "the host goes on serving");
 
     stop.send(()).ok();

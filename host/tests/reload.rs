@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_invoker::{CallRequest, Caller, ConnectOptions};
@@ -24,22 +24,33 @@ struct Setup {
 
 /// A host serving `version-a` as `version.wasm` (plus `files`), and a caller.
 async fn setup(files: &[&str]) -> Setup {
-    testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");
     let handlers = HandlerDir::with(files).expect("handlers");
     std::fs::copy(guest("version-a"), handlers.path().join("version.wasm")).expect("copy");
-    let host = TestHost::start(host_config(DEVICE, handlers.path(), broker.url()))
-        .await
-        .expect("host starts");
-    let caller = Caller::connect(ConnectOptions::new(broker.url()))
-        .await
-        .expect("caller connects");
+    let (host, caller) = start_at(&broker, handlers.path()).await;
     Setup {
         broker,
         handlers,
         host,
         caller,
     }
+}
+
+/// Starts a host serving the folder at `handlers` (a [`HandlerDir`]'s, or a path the
+/// test replaces: a symlink, a folder removed and made again), and a caller.
+async fn start_at(broker: &Mosquitto, handlers: &Path) -> (TestHost, Caller) {
+    testkit::init_logging();
+    let host = TestHost::start(host_config(DEVICE, handlers, broker.url()))
+        .await
+        .expect("host starts");
+    (host, connect(broker).await)
+}
+
+/// A caller on `broker`.
+async fn connect(broker: &Mosquitto) -> Caller {
+    Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller connects")
 }
 
 /// Calls `method` and returns the status and the payload.
@@ -61,11 +72,11 @@ async fn version(caller: &Caller) -> String {
 
 /// Calls until `check` holds for an answer, or panics after [`SETTLE`].
 async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < SETTLE, "not within {SETTLE:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::eventually(what, SETTLE, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await;
 }
 
 /// Puts `package`'s component at `to` the way deployment tools do: written under a
@@ -96,30 +107,42 @@ async fn an_atomic_rename_under_load_swaps_versions_without_a_failed_call() {
     assert_eq!(version(&s.caller).await, "a");
 
     // Four callers keep calls in flight for the whole swap; each records when it sent
-    // a call and what answered.
+    // a call and what answered, and counts the answers.
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut loads = Vec::new();
     for _ in 0..4 {
-        let (caller, stop) = (s.caller.clone(), Arc::clone(&stop));
+        let (caller, stop, answered) = (s.caller.clone(), Arc::clone(&stop), Arc::clone(&answered));
         loads.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let sent = started.elapsed();
                 let answer = version(&caller).await;
                 seen.push((sent, started.elapsed(), answer));
+                answered.fetch_add(1, Ordering::Relaxed);
             }
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until `more` answers came after now.
+    let answers_after = |more: usize| {
+        let from = answered.load(Ordering::Relaxed);
+        let answered = Arc::clone(&answered);
+        testkit::eventually("the load goes on", SETTLE, move || {
+            let now = answered.load(Ordering::Relaxed);
+            std::future::ready((now >= from + more).then_some(()))
+        })
+    };
+    // The load is under way before the swap...
+    answers_after(12).await;
     deploy_atomically(Ok("version-b"), &s.handlers.path().join("version.wasm"));
     until("version b serves", || async {
         version(&s.caller).await == "b"
     })
     .await;
-    // Keep the load on a little after the swap.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and goes on after it.
+    answers_after(12).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut calls = Vec::new();
@@ -314,9 +337,7 @@ async fn a_restart_with_a_warm_cache_compiles_nothing_and_a_corrupt_entry_is_reb
     assert_eq!(cold.compilations, 3, "a cold cache compiles every handler");
 
     let warm = TestHost::start(config()).await.expect("warm start");
-    let caller = Caller::connect(ConnectOptions::new(broker.url()))
-        .await
-        .expect("caller");
+    let caller = connect(&broker).await;
     assert_eq!(
         call(&caller, "echo", "[1]").await,
         (200, json!([1])),
@@ -526,19 +547,6 @@ async fn a_handler_file_over_the_size_cap_is_refused_unread() {
     );
     assert_eq!(version(&s.caller).await, "a", "the host goes on");
     s.host.stop().await.expect("clean stop");
-}
-
-/// Starts a host serving the folder at `handlers` (a path that may not be a
-/// [`HandlerDir`]: a symlink, or a folder the test replaces), and a caller.
-async fn start_at(broker: &Mosquitto, handlers: &Path) -> (TestHost, Caller) {
-    testkit::init_logging();
-    let host = TestHost::start(host_config(DEVICE, handlers, broker.url()))
-        .await
-        .expect("host starts");
-    let caller = Caller::connect(ConnectOptions::new(broker.url()))
-        .await
-        .expect("caller connects");
-    (host, caller)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

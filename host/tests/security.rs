@@ -13,8 +13,8 @@ use edge_proto::BrokerUrl;
 use edge_proto::Namespace;
 use edge_proto::transport::{Security, TlsFiles};
 use testkit::{
-    Delivery, HandlerDir, Mosquitto, RawClient, RawOptions, TestHost, TestPki, free_port,
-    host_config, presence_with, publish_once,
+    ChildGuard, Delivery, HandlerDir, Mosquitto, RawClient, RawOptions, TestHost, TestPki,
+    free_port, host_config, presence_with, publish_once,
 };
 
 fn tls_files(pki: &TestPki, client_cert: bool) -> TlsFiles {
@@ -97,30 +97,31 @@ async fn a_client_without_a_certificate_or_with_a_wrong_ca_is_refused_clearly() 
 
     // The host says why in its log, and keeps trying (the broker may be fixed).
     let handlers = HandlerDir::with(&["echo"]).expect("handlers");
-    let mut host = Command::new(env!("CARGO_BIN_EXE_edge-host"))
-        .args([
-            "--device-id",
-            "wrong-ca-device",
-            "--broker",
-            &mqtts(&broker).to_string(),
-        ])
-        .arg("--handlers")
-        .arg(handlers.path())
-        .arg("--ca-file")
-        .arg(other.file("ca.pem"))
-        .args([
-            "--cert-file",
-            &other.file("client.pem").display().to_string(),
-        ])
-        .args([
-            "--key-file",
-            &other.file("client.key").display().to_string(),
-        ])
-        .arg("--no-cache")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("edge-host starts");
+    let mut host = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_edge-host"))
+            .args([
+                "--device-id",
+                "wrong-ca-device",
+                "--broker",
+                &mqtts(&broker).to_string(),
+            ])
+            .arg("--handlers")
+            .arg(handlers.path())
+            .arg("--ca-file")
+            .arg(other.file("ca.pem"))
+            .args([
+                "--cert-file",
+                &other.file("client.pem").display().to_string(),
+            ])
+            .args([
+                "--key-file",
+                &other.file("client.key").display().to_string(),
+            ])
+            .arg("--no-cache")
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped()),
+    )
+    .expect("edge-host starts");
     let stderr = host.stderr.take().expect("piped");
     let line = tokio::task::spawn_blocking(move || {
         use std::io::BufRead as _;
@@ -134,8 +135,7 @@ async fn a_client_without_a_certificate_or_with_a_wrong_ca_is_refused_clearly() 
         .expect("the host logs the failure")
         .expect("reader")
         .expect("a failure line");
-    host.kill().ok();
-    host.wait().ok();
+    drop(host);
     assert!(line.contains("UnknownIssuer"), "{line}");
 }
 
@@ -481,27 +481,28 @@ async fn with_the_documented_config_an_oversized_message_cuts_neither_host_nor_i
     let log_path = broker.secrets.path().join("host.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     // device-a: the real edge-host binary on the devices' listener, its log kept.
-    let mut host = Command::new(env!("CARGO_BIN_EXE_edge-host"))
-        .args([
-            "--device-id",
-            "device-a",
-            "--username",
-            "device-a",
-            "--no-cache",
-        ])
-        .args(["--broker", &broker.devices.to_string()])
-        .arg("--handlers")
-        .arg(handlers.path())
-        .arg("--ca-file")
-        .arg(broker.pki.file("ca.pem"))
-        .arg("--password-file")
-        .arg(broker.password_file("device-a", "pa"))
-        .env("RUST_LOG", "warn")
-        .env_remove("EDGE_PASSWORD")
-        .stdin(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("edge-host starts");
+    let mut host = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_edge-host"))
+            .args([
+                "--device-id",
+                "device-a",
+                "--username",
+                "device-a",
+                "--no-cache",
+            ])
+            .args(["--broker", &broker.devices.to_string()])
+            .arg("--handlers")
+            .arg(handlers.path())
+            .arg("--ca-file")
+            .arg(broker.pki.file("ca.pem"))
+            .arg("--password-file")
+            .arg(broker.password_file("device-a", "pa"))
+            .env("RUST_LOG", "warn")
+            .env_remove("EDGE_PASSWORD")
+            .stdin(Stdio::null())
+            .stderr(log),
+    )
+    .expect("edge-host starts");
     let operator = broker.login("operator", "po");
     presence_with(
         &broker.callers,

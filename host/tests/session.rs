@@ -3,20 +3,21 @@
 //! where signals matter, edge-invoker's Caller as the client.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use edge_proto::Namespace;
-use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, host_config, presence};
+use testkit::{
+    ChildGuard, HandlerDir, Mosquitto, RawClient, TestHost, eventually, host_config, presence,
+};
 
-/// Starts the real `edge-host` binary for `device` on `broker`, serving `handlers`.
-fn spawn_host(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Child {
-    host_command(device, handlers, broker)
-        .spawn()
-        .expect("edge-host starts")
+/// Starts the real `edge-host` binary for `device` on `broker`, serving `handlers`;
+/// killed if the test ends first.
+fn spawn_host(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> ChildGuard {
+    ChildGuard::spawn(&mut host_command(device, handlers, broker)).expect("edge-host starts")
 }
 
 /// The command that runs the real `edge-host` binary for `device` on `broker`, serving
@@ -41,7 +42,7 @@ fn host_command(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Comm
     command
 }
 
-fn signal(child: &Child, signal: &str) {
+fn signal(child: &ChildGuard, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -49,9 +50,45 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// Sends `count` calls of misbehave's `sleep` for `ms` to `device` (request ids
+/// `sleep-0`, `sleep-1`, ...) and returns once the host has taken them all: a probe
+/// sent after them on the same connection has been answered, and a host takes one
+/// connection's requests in order. The client reads the device's responses.
+async fn sleepers_in_flight(
+    broker: &Mosquitto,
+    device: &str,
+    count: usize,
+    ms: u32,
+) -> (Namespace, RawClient) {
+    let ns = Namespace::for_device(device).expect("valid");
+    let mut client = RawClient::connect(&broker.url(), &[ns.response_filter()])
+        .await
+        .expect("client");
+    for i in 0..count {
+        let topic = ns.request_topic("sleep", &format!("sleep-{i}"));
+        client
+            .publish(&topic, format!(r#"{{"ms":{ms}}}"#))
+            .await
+            .expect("sent");
+    }
+    let probe = ns.request_topic("status", "probe");
+    client
+        .publish(&probe, r#"{"status":200}"#)
+        .await
+        .expect("sent");
+    client
+        .next_where(Duration::from_secs(10), |t| t.ends_with("$rid=probe"))
+        .await
+        .expect("the probe is answered while the sleepers run");
+    (ns, client)
+}
+
 /// A Mosquitto and the real `edge-host` binary for `device` serving `packages`, online,
 /// with a Caller connected to the broker.
-async fn binary_host(device: &str, packages: &[&str]) -> (Mosquitto, HandlerDir, Child, Caller) {
+async fn binary_host(
+    device: &str,
+    packages: &[&str],
+) -> (Mosquitto, HandlerDir, ChildGuard, Caller) {
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");
     let handlers = HandlerDir::with(packages).expect("handlers");
@@ -222,28 +259,16 @@ async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
     let (broker, _handlers, mut host, caller) =
         binary_host("stopping-device", &["misbehave"]).await;
 
-    let calls: Vec<_> = (0..5)
-        .map(|_| {
-            let caller = caller.clone();
-            tokio::spawn(async move {
-                caller
-                    .call(&CallRequest::new(
-                        "stopping-device",
-                        "sleep",
-                        r#"{"ms":1500}"#,
-                    ))
-                    .await
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Five calls that take 1.5 s.
+    let (ns, mut client) = sleepers_in_flight(&broker, "stopping-device", 5, 1500).await;
     signal(&host, "-TERM");
-    for call in calls {
-        let response = call
+    for _ in 0..5 {
+        let (topic, _) = client
+            .next_where(Duration::from_secs(10), |t| t.contains("$rid=sleep-"))
             .await
-            .expect("call task")
             .expect("answered despite the shutdown");
-        assert_eq!(response.status, 200);
+        let status = ns.parse_response(&topic).expect("response topic").status;
+        assert_eq!(status, 200, "{topic}");
     }
     let status = tokio::task::spawn_blocking(move || host.wait())
         .await
@@ -272,50 +297,23 @@ async fn sigterm_with_calls_stuck_in_host_calls_exits_within_the_grace_without_p
     testkit::init_logging();
     let broker = Mosquitto::start().expect("mosquitto starts");
     let handlers = HandlerDir::with(&["misbehave"]).expect("handlers");
-    let mut host = host_command("stuck-device", &handlers, &broker)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("edge-host starts");
+    let mut host =
+        ChildGuard::spawn(host_command("stuck-device", &handlers, &broker).stderr(Stdio::piped()))
+            .expect("edge-host starts");
     presence(&broker.url(), "stuck-device", true, Duration::from_secs(30))
         .await
         .expect("online");
     // Calls that sleep in a host call for days, with the default 30 s deadline.
-    let ns = Namespace::for_device("stuck-device").expect("valid");
-    let mut client = RawClient::connect(&broker.url(), &[ns.response_filter()])
-        .await
-        .expect("client");
-    for i in 0..8 {
-        let topic = ns.request_topic("sleep", &format!("stuck-{i}"));
-        client
-            .publish(&topic, r#"{"ms":4294967295}"#)
-            .await
-            .expect("sent");
-    }
-    // Wait until the host has taken them (its log says so at debug; here, the calls
-    // are in flight once a probe sent after them is answered).
-    let probe = ns.request_topic("status", "probe");
-    client
-        .publish(&probe, r#"{"status":200}"#)
-        .await
-        .expect("sent");
-    client
-        .next_where(Duration::from_secs(10), |t| t.ends_with("$rid=probe"))
-        .await
-        .expect("the probe is answered while the sleepers are stuck");
+    let _sleepers = sleepers_in_flight(&broker, "stuck-device", 8, u32::MAX).await;
 
     let stopped = Instant::now();
     signal(&host, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(25);
-    let status = loop {
-        if let Some(status) = host.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the host did not exit within its 10 s grace (and then some)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = eventually(
+        "the host exits within its 10 s grace (and then some)",
+        Duration::from_secs(25),
+        || std::future::ready(host.try_wait().expect("wait")),
+    )
+    .await;
     eprintln!("stopped in {} ms", stopped.elapsed().as_millis());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut host.stderr.take().expect("piped"), &mut stderr)

@@ -9,9 +9,9 @@
 //! outright (a literal `--devices` or a line of `--devices-file`), which are called
 //! whatever the broker knows of them, as `call` does.
 //!
-//! How: [`run`] makes the calls itself, a bounded number at once; on IoT Hub,
-//! [`run_job`] has the hub run them as a `scheduleDeviceMethod` job and reads each
-//! device's result back from it.
+//! How: [`broadcast`] picks one of two ways. [`run`] makes the calls itself, a bounded
+//! number at once; on IoT Hub, [`run_job`] has the hub run them as a
+//! `scheduleDeviceMethod` job and reads each device's result back from it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -168,10 +168,11 @@ pub enum TargetError {
 }
 
 impl TargetError {
-    /// The exit for this error: no device to call is 3, a bad argument is 2.
+    /// The exit for this error: no device to call is 6 (no such device), a bad argument
+    /// is 2.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::NoDevice(_) => Exit::NotOnline,
+            Self::NoDevice(_) => Exit::NoSuchDevice,
             _ => Exit::Usage,
         }
     }
@@ -329,6 +330,40 @@ pub async fn run(
     results
 }
 
+/// How a broadcast ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ran {
+    /// The hub ran it as a `scheduleDeviceMethod` job.
+    Job(JobOutcome),
+    /// The calls were made from here: one result per device, sorted by device.
+    Calls(Vec<DeviceResult>),
+}
+
+/// Calls `request`'s method on `devices` through `via`: on a hub that runs jobs, as a
+/// job ([`run_job`], `progress` seeing its statistics as it goes); else from here
+/// ([`run`], at most `concurrency` at once, `each` seeing every result as it comes).
+///
+/// # Errors
+/// When the hub refuses or fails the job, or the job outlives its time limit.
+pub async fn broadcast(
+    via: &Via,
+    request: &CallRequest,
+    devices: &[String],
+    concurrency: usize,
+    progress: impl FnMut(&JobStatistics),
+    each: impl FnMut(&DeviceResult),
+) -> Result<Ran, CallError> {
+    if let Via::Hub(hub) = via
+        && let Some(job) = run_job(hub, request, devices, progress).await?
+    {
+        return Ok(Ran::Job(job));
+    }
+    // On the broker, or a hub without jobs: the calls are made from here.
+    Ok(Ran::Calls(
+        run(via, request, devices, concurrency, each).await,
+    ))
+}
+
 /// What a job on the hub came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobOutcome {
@@ -484,7 +519,7 @@ mod tests {
             error.to_string(),
             "no device to call: none of the 2 devices the broker knows matches 'nope-*'"
         );
-        assert_eq!(error.exit(), Exit::NotOnline);
+        assert_eq!(error.exit(), Exit::NoSuchDevice);
         let error = select(&patterns(&["x?"]), &[], &[]).expect_err("none");
         assert_eq!(
             error.to_string(),

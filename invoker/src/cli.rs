@@ -144,7 +144,12 @@ Examples:
 Prints the completion script for the shell on stdout.";
 
 fn call_help() -> String {
-    format!("{CALL_EXAMPLES}\n\n{}", Exit::help())
+    let codes = Exit::ALL
+        .into_iter()
+        .filter(|exit| *exit != Exit::NoCatalog)
+        .map(|exit| (exit, exit.meaning()))
+        .collect::<Vec<_>>();
+    format!("{CALL_EXAMPLES}\n\n{}", Exit::table(&codes))
 }
 
 fn top_help() -> String {
@@ -175,15 +180,15 @@ fn methods_help() -> String {
         (Exit::Success, "the catalog was shown (online or not)"),
         (Exit::Usage, "bad usage, or an invalid device id"),
         (
-            Exit::NotOnline,
-            "the broker holds no catalog for the device (unknown device), or its twin reports none",
-        ),
-        (
             Exit::Failure,
             "the broker or hub could not be reached, or another failure",
         ),
-        (Exit::NotRegistered, Exit::NotRegistered.meaning()),
+        (Exit::NoSuchDevice, Exit::NoSuchDevice.meaning()),
         (Exit::Unauthorized, Exit::Unauthorized.meaning()),
+        (
+            Exit::NoCatalog,
+            "the device is known but the broker holds no catalog for it, or its twin reports none",
+        ),
     ]);
     format!("{METHODS_EXAMPLES}\n\n{codes}")
 }
@@ -199,10 +204,13 @@ fn broadcast_help() -> String {
             Exit::Usage,
             "bad usage, or an argument out of range or invalid (400004)",
         ),
-        (Exit::NotOnline, "no device matched: nothing was called"),
         (
             Exit::Failure,
             "the broker or hub could not be reached or was lost, or another failure",
+        ),
+        (
+            Exit::NoSuchDevice,
+            "no such device: no device matched, so nothing was called",
         ),
         (Exit::Unauthorized, Exit::Unauthorized.meaning()),
     ]);
@@ -924,7 +932,7 @@ mod tests {
             (
                 "methods",
                 "edge-invoker methods my-device",
-                "  3  the broker holds no catalog for the device",
+                "  6  no such device: the hub does not know it (404001), or nothing on the broker names it",
             ),
             (
                 "broadcast",
@@ -946,5 +954,28 @@ mod tests {
             assert!(sub.contains("Exit codes:"), "{name}: {sub}");
             assert!(sub.contains(code), "{name}: {sub}");
         }
+        let help_of = |name| {
+            Cli::command()
+                .find_subcommand_mut(name)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string()
+        };
+        // "Not online" is not "no such device", and only `methods` ends with 8.
+        let methods = help_of("methods");
+        assert!(
+            methods.contains("  8  the device is known but"),
+            "{methods}"
+        );
+        assert!(!methods.contains("  3  "), "{methods}");
+        let broadcast = help_of("broadcast");
+        assert!(
+            broadcast.contains("  6  no such device: no device matched"),
+            "{broadcast}"
+        );
+        assert!(!broadcast.contains("  3  "), "{broadcast}");
+        let call = help_of("call");
+        assert!(call.contains("  6  no such device"), "{call}");
+        assert!(!call.contains("  8  "), "{call}");
     }
 }

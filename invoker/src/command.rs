@@ -9,7 +9,7 @@ use edge_proto::Namespace;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::debug;
 
-use crate::broadcast::{self, DeviceResult, Totals};
+use crate::broadcast::{self, DeviceResult, Ran, Totals};
 use crate::call::{
     ArgumentError, CallError, CallRequest, MethodResponse, ResponsePayload, read_payload,
 };
@@ -68,6 +68,12 @@ impl Io<'_> {
         let _ = self.stderr.write_all(line.as_bytes());
     }
 
+    /// Prints why a broadcast's devices could not be chosen, and returns its exit.
+    fn fail_target(&mut self, error: &broadcast::TargetError) -> Exit {
+        self.fail(&error.to_string());
+        error.exit()
+    }
+
     /// Prints a call error on stderr, for people, and returns its exit.
     fn fail_call(&mut self, error: &CallError) -> Exit {
         let line = output::error(Format::Human { pretty: false }, error, self.paint_stderr());
@@ -102,16 +108,21 @@ pub async fn run(cli: Cli) -> Exit {
     .await
 }
 
+/// How a subcommand ends: `Err` when it stopped early, after printing why. Either way
+/// the exit says how, so that a step that fails is one `?`.
+type Ended = Result<Exit, Exit>;
+
 /// Runs the command on the given streams. Failures are printed, not returned: the exit
 /// says how the command ended.
 pub async fn run_with(cli: Cli, mut io: Io<'_>) -> Exit {
-    let exit = match cli.command {
+    let ended = match cli.command {
         Command::Call(args) => call(&cli.global, args, &mut io).await,
         Command::Devices(args) => devices(&cli.global, args, &mut io).await,
         Command::Methods(args) => methods(&cli.global, args, &mut io).await,
         Command::Broadcast(args) => broadcast(&cli.global, args, &mut io).await,
         Command::Completions(args) => completions(&args, &mut io),
     };
+    let exit = ended.unwrap_or_else(|stopped| stopped);
     if let Err(e) = io.stdout.flush() {
         debug!(error = %e, "stdout");
         return Exit::Failure;
@@ -128,15 +139,12 @@ fn settings(global: &GlobalArgs, io: &mut Io<'_>) -> Result<Settings, Exit> {
 }
 
 /// `edge-invoker call`.
-async fn call(global: &GlobalArgs, args: CallArgs, io: &mut Io<'_>) -> Exit {
-    let settings = match settings(global, io) {
-        Ok(settings) => settings,
-        Err(exit) => return exit,
-    };
+async fn call(global: &GlobalArgs, args: CallArgs, io: &mut Io<'_>) -> Ended {
+    let settings = settings(global, io)?;
     let format = io.format(&settings);
     let request = match request(&settings, &args, io.stdin) {
         Ok(request) => request,
-        Err(error) => return report(format, io, Err(error)),
+        Err(error) => return Ok(report(format, io, Err(error))),
     };
     if let Format::Human { .. } = format {
         let line = output::invoking(
@@ -148,7 +156,7 @@ async fn call(global: &GlobalArgs, args: CallArgs, io: &mut Io<'_>) -> Exit {
         let _ = io.stderr.write_all(line.as_bytes());
     }
     let outcome = call_once(&settings, &request).await;
-    report(format, io, outcome)
+    Ok(report(format, io, outcome))
 }
 
 /// The request the command line asks for, checked before anything is sent.
@@ -215,30 +223,23 @@ fn report(format: Format, io: &mut Io<'_>, outcome: Result<MethodResponse, CallE
 }
 
 /// `edge-invoker devices`.
-async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Exit {
-    let settings = match settings(global, io) {
-        Ok(settings) => settings,
-        Err(exit) => return exit,
-    };
+async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Ended {
+    let settings = settings(global, io)?;
     let format = io.format(&settings);
     let nobody = match (&settings.hub, Namespace::any_device(&settings.namespace)) {
         (Some(_), _) => "The hub's registry holds no device.\n".to_owned(),
         (None, Ok(prefix)) => format!("The broker holds no device's presence under {prefix}.\n"),
-        (None, Err(error)) => return io.fail_call(&ArgumentError::Name(error).into()),
+        (None, Err(error)) => return Err(io.fail_call(&ArgumentError::Name(error).into())),
     };
     let pattern = args
         .pattern
         .map_or_else(DevicePattern::any, DevicePattern::new);
-    let via = match Via::connect(&settings).await {
-        Ok(via) => via,
-        Err(error) => return io.fail_call(&error),
-    };
+    let via = Via::connect(&settings)
+        .await
+        .map_err(|error| io.fail_call(&error))?;
     let listed = via.devices(&settings.namespace).await;
     via.close().await;
-    let listed = match listed {
-        Ok(listed) => listed,
-        Err(error) => return io.fail_call(&error),
-    };
+    let listed = listed.map_err(|error| io.fail_call(&error))?;
     let known = listed.len();
     let matching: Vec<_> = listed
         .into_iter()
@@ -260,68 +261,64 @@ async fn devices(global: &GlobalArgs, args: DevicesArgs, io: &mut Io<'_>) -> Exi
         }
         Format::Human { .. } => output::fleet::devices_table(&matching, io.paint_stdout(format)),
     };
-    written(io, &text, Exit::Success)
+    Ok(written(io, &text, Exit::Success))
 }
 
 /// `edge-invoker methods`.
-async fn methods(global: &GlobalArgs, args: MethodsArgs, io: &mut Io<'_>) -> Exit {
-    let settings = match settings(global, io) {
-        Ok(settings) => settings,
-        Err(exit) => return exit,
-    };
+async fn methods(global: &GlobalArgs, args: MethodsArgs, io: &mut Io<'_>) -> Ended {
+    let settings = settings(global, io)?;
     let format = io.format(&settings);
-    if let Err(error) = Namespace::new(&settings.namespace, &args.device) {
-        return io.fail_call(&ArgumentError::Name(error).into());
-    }
-    let via = match Via::connect(&settings).await {
-        Ok(via) => via,
-        Err(error) => return io.fail_call(&error),
-    };
+    Namespace::new(&settings.namespace, &args.device)
+        .map_err(|error| io.fail_call(&ArgumentError::Name(error).into()))?;
+    let via = Via::connect(&settings)
+        .await
+        .map_err(|error| io.fail_call(&error))?;
     let state = via.device(&settings.namespace, &args.device).await;
     via.close().await;
-    let state = match state {
-        Ok(state) => state,
-        Err(error) => return io.fail_call(&error),
-    };
+    let state = state.map_err(|error| io.fail_call(&error))?;
     if state.catalog.is_none() {
-        let why = match (&via, &state.presence) {
-            (Via::Hub(_), _) => format!(
-                "device '{}' reports no method catalog in its twin (properties.reported.methods \
-                 is missing or not a list of methods)",
-                args.device
+        let (why, exit) = match (&via, &state.presence) {
+            (Via::Hub(_), _) => (
+                format!(
+                    "device '{}' reports no method catalog in its twin \
+                     (properties.reported.methods is missing or not a list of methods)",
+                    args.device
+                ),
+                Exit::NoCatalog,
             ),
-            (Via::Broker(_), None) => format!(
-                "the broker holds no method catalog for device '{}': no such device, or one \
-                 that publishes no catalog",
-                args.device
+            (Via::Broker(_), None) => (
+                format!(
+                    "no such device: the broker holds neither a presence nor a method catalog \
+                     for device '{}'",
+                    args.device
+                ),
+                Exit::NoSuchDevice,
             ),
-            (Via::Broker(_), Some(presence)) => format!(
-                "device '{}' is {} but the broker holds no method catalog for it",
-                args.device,
-                if presence.online { "online" } else { "offline" }
+            (Via::Broker(_), Some(presence)) => (
+                format!(
+                    "device '{}' is {} but the broker holds no method catalog for it",
+                    args.device,
+                    if presence.online { "online" } else { "offline" }
+                ),
+                Exit::NoCatalog,
             ),
         };
         io.fail(&why);
-        return Exit::NotOnline;
+        return Err(exit);
     }
     let text = match format {
         Format::Json => output::fleet::methods_json(&state),
         Format::Human { .. } => output::fleet::methods_table(&state, io.paint_stdout(format)),
     };
-    written(io, &text, Exit::Success)
+    Ok(written(io, &text, Exit::Success))
 }
 
 /// `edge-invoker broadcast`.
-async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) -> Exit {
-    let settings = match settings(global, io) {
-        Ok(settings) => settings,
-        Err(exit) => return exit,
-    };
+async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) -> Ended {
+    let settings = settings(global, io)?;
     let format = io.format(&settings);
-    let payload = match read_payload(args.payload.as_deref(), io.stdin) {
-        Ok(payload) => payload,
-        Err(error) => return io.fail_call(&error),
-    };
+    let payload =
+        read_payload(args.payload.as_deref(), io.stdin).map_err(|error| io.fail_call(&error))?;
     let (response_timeout, connect_timeout) = args.timeouts.resolve(&settings.config);
     let mut request = CallRequest {
         // Each call names its device; any valid id checks the rest before connecting.
@@ -332,40 +329,28 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
         connect_timeout,
         namespace: settings.namespace.clone(),
     };
-    if let Err(error) = request.check() {
-        return io.fail_call(&error);
-    }
+    request.check().map_err(|error| io.fail_call(&error))?;
     let patterns: Vec<DevicePattern> = args.devices.iter().map(DevicePattern::new).collect();
-    if let Err(error) = broadcast::check_literals(&patterns) {
-        io.fail(&error.to_string());
-        return error.exit();
-    }
+    broadcast::check_literals(&patterns).map_err(|error| io.fail_target(&error))?;
     let named = match &args.devices_file {
-        Some(path) => match broadcast::read_devices_file(path) {
-            Ok(named) => named,
-            Err(error) => {
-                io.fail(&error.to_string());
-                return error.exit();
-            }
-        },
+        Some(path) => broadcast::read_devices_file(path).map_err(|error| io.fail_target(&error))?,
         None => Vec::new(),
     };
     let needs_listing = patterns.iter().any(|p| !p.is_literal());
     let namespace_ok = Namespace::any_device(&settings.namespace);
     if let (true, None, Err(error)) = (needs_listing, &settings.hub, namespace_ok) {
-        return io.fail_call(&ArgumentError::Name(error).into());
+        return Err(io.fail_call(&ArgumentError::Name(error).into()));
     }
 
-    let via = match Via::connect(&settings).await {
-        Ok(via) => via,
-        Err(error) => return io.fail_call(&error),
-    };
+    let via = Via::connect(&settings)
+        .await
+        .map_err(|error| io.fail_call(&error))?;
     let known = if needs_listing {
         match via.devices(&settings.namespace).await {
             Ok(known) => known,
             Err(error) => {
                 via.close().await;
-                return io.fail_call(&error);
+                return Err(io.fail_call(&error));
             }
         }
     } else {
@@ -375,8 +360,7 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
         Ok(targets) => targets,
         Err(error) => {
             via.close().await;
-            io.fail(&error.to_string());
-            return error.exit();
+            return Err(io.fail_target(&error));
         }
     };
     request.device.clear();
@@ -391,36 +375,21 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
         let _ = io.stderr.write_all(line.as_bytes());
     }
     let bar = progress_bar(format, io, targets.len());
-    if let Via::Hub(hub) = &via {
-        let job = broadcast::run_job(hub, &request, &targets, |stats| {
+    let mut totals = Totals::default();
+    let mut stdout_failed = false;
+    let stdout = &mut *io.stdout;
+    let ran = broadcast::broadcast(
+        &via,
+        &request,
+        &targets,
+        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        |stats| {
             bar.set_position(stats.succeeded_count + stats.failed_count);
             bar.set_message(output::job::progress(&Totals {
                 failed: usize::try_from(stats.failed_count).unwrap_or(usize::MAX),
                 ..Totals::default()
             }));
-        })
-        .await;
-        match job {
-            Ok(Some(job)) => {
-                bar.finish_and_clear();
-                return job_report(format, io, &job);
-            }
-            // No jobs on this hub: the calls are made from here, as on the broker.
-            Ok(None) => {}
-            Err(error) => {
-                bar.finish_and_clear();
-                return io.fail_call(&error);
-            }
-        }
-    }
-    let mut totals = Totals::default();
-    let mut stdout_failed = false;
-    let stdout = &mut *io.stdout;
-    let results = broadcast::run(
-        &via,
-        &request,
-        &targets,
-        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        },
         |result: &DeviceResult| {
             totals.add(broadcast::Outcome::of(result));
             bar.inc(1);
@@ -437,16 +406,21 @@ async fn broadcast(global: &GlobalArgs, args: BroadcastArgs, io: &mut Io<'_>) ->
     .await;
     bar.finish_and_clear();
     via.close().await;
+    let results = match ran {
+        Ok(Ran::Calls(results)) => results,
+        Ok(Ran::Job(job)) => return Ok(job_report(format, io, &job)),
+        Err(error) => return Err(io.fail_call(&error)),
+    };
 
     let exit = broadcast::exit(&results);
-    match format {
+    Ok(match format {
         Format::Json if stdout_failed => Exit::Failure,
         Format::Json => exit,
         Format::Human { .. } => {
             let text = results_text(io, format, &results, &Totals::of(&results));
             written(io, &text, exit)
         }
-    }
+    })
 }
 
 /// The table of results and the totals, for people.
@@ -511,9 +485,9 @@ fn progress_bar(format: Format, io: &Io<'_>, devices: usize) -> ProgressBar {
 }
 
 /// `edge-invoker completions`.
-fn completions(args: &CompletionsArgs, io: &mut Io<'_>) -> Exit {
+fn completions(args: &CompletionsArgs, io: &mut Io<'_>) -> Ended {
     clap_complete::generate(args.shell, &mut Cli::command(), "edge-invoker", io.stdout);
-    Exit::Success
+    Ok(Exit::Success)
 }
 
 /// Writes `text` on stdout: `exit` when it went, a failure when it did not (a closed

@@ -23,23 +23,28 @@ pub enum Exit {
     Timeout,
     /// 5: the broker could not be reached, the connection was lost, or another failure.
     Failure,
-    /// 6: IoT Hub does not know the device (404001 DeviceNotFound).
-    NotRegistered,
+    /// 6: no such device: IoT Hub does not know it (404001 DeviceNotFound), or nothing
+    /// the broker retains names it.
+    NoSuchDevice,
     /// 7: IoT Hub refused the connection string's credentials (401002).
     Unauthorized,
+    /// 8: the device is known but lists no methods: the broker retains its presence but
+    /// no catalog, or its twin reports none (`methods` only).
+    NoCatalog,
 }
 
 impl Exit {
     /// Every exit, in the order of its code.
-    pub const ALL: [Exit; 8] = [
+    pub const ALL: [Exit; 9] = [
         Self::Success,
         Self::DeviceError,
         Self::Usage,
         Self::NotOnline,
         Self::Timeout,
         Self::Failure,
-        Self::NotRegistered,
+        Self::NoSuchDevice,
         Self::Unauthorized,
+        Self::NoCatalog,
     ];
 
     /// The exit for the outcome of a call.
@@ -54,7 +59,7 @@ impl Exit {
     /// The exit for a call that has no answer.
     pub fn of_error(error: &CallError) -> Self {
         match error {
-            CallError::NotRegistered { .. } => return Self::NotRegistered,
+            CallError::NotRegistered { .. } => return Self::NoSuchDevice,
             CallError::Unauthorized { .. } => return Self::Unauthorized,
             _ => {}
         }
@@ -75,8 +80,9 @@ impl Exit {
             Self::NotOnline => 3,
             Self::Timeout => 4,
             Self::Failure => 5,
-            Self::NotRegistered => 6,
+            Self::NoSuchDevice => 6,
             Self::Unauthorized => 7,
+            Self::NoCatalog => 8,
         }
     }
 
@@ -89,12 +95,15 @@ impl Exit {
             Self::NotOnline => "the device is not online (404103)",
             Self::Timeout => "the device did not answer in time (504101)",
             Self::Failure => "the broker or hub could not be reached, or another failure",
-            Self::NotRegistered => "the hub does not know the device (404001, --connection-string)",
+            Self::NoSuchDevice => {
+                "no such device: the hub does not know it (404001), or nothing on the broker names it"
+            }
             Self::Unauthorized => "the hub refused the connection string's key (401002)",
+            Self::NoCatalog => "the device is known but lists no methods (`methods` only)",
         }
     }
 
-    /// The exit codes of `call` as a `--help` section.
+    /// Every exit code as a `--help` section, for the command as a whole.
     pub fn help() -> String {
         Self::table(&Self::ALL.map(|exit| (exit, exit.meaning())))
     }
@@ -150,6 +159,8 @@ mod tests {
         );
         assert_eq!(failed(CallError::Broker("lost".into())), 5);
         assert_eq!(failed(CallError::NotRegistered { device: "d".into() }), 6);
+        assert_eq!(Exit::NoSuchDevice.code(), 6);
+        assert_eq!(Exit::NoCatalog.code(), 8);
         let refused = CallError::Unauthorized {
             policy: "iothubowner".into(),
             reason: "bad signature".into(),

@@ -3,10 +3,11 @@
 //! a service connection string, calls them through IoT Hub's REST API itself.
 //!
 //! Layout:
-//! - [`caller`]: [`Caller`], one MQTT session shared by concurrent calls: connects,
-//!   learns each device's presence, publishes requests and routes responses back to
-//!   their calls by request id.
-//!   It also reads what the broker retains (presence, catalogs) behind the same barrier.
+//! - [`caller`]: [`Caller`], one MQTT session shared by concurrent calls: learns each
+//!   device's presence, publishes requests and gets each response back to its call by
+//!   request id. Inside: `session` (connecting, the event-loop task), `routes` (who
+//!   waits for what) and `snapshot` (reads of what the broker retains: presence,
+//!   catalogs).
 //! - [`call`]: what one call is: [`CallRequest`] and its argument checks,
 //!   [`MethodResponse`], [`CallError`].
 //! - [`iothub`]: [`HubClient`], IoT Hub's service REST API (calls, registry, twins,
@@ -15,7 +16,8 @@
 //!   commands ask it and do not care which.
 //! - [`fleet`]: devices as the broker knows them (retained presence and catalog),
 //!   for `devices` and `methods`.
-//! - [`broadcast`]: a job calling one method on many devices with bounded concurrency,
+//! - [`broadcast`]: a job calling one method on many devices (as a hub job, or from
+//!   here with bounded concurrency), choosing its devices,
 //!   its results and totals.
 //! - [`pattern`]: device patterns, globs over device ids (`pump-*`).
 //! - [`cli`]: the command line (clap): global options and subcommands.

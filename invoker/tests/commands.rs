@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use edge_proto::BrokerUrl;
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, free_port, host_config};
-use tokio::io::AsyncWriteExt;
+use testkit::{HandlerDir, Mosquitto, RawClient, TestHost, eventually, free_port, host_config};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// A payload of 120 KiB, which faulty's `getInfo` has no memory to take.
 fn heavy() -> String {
@@ -28,9 +28,9 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `edge-invoker ARGS...` with `env` set and `stdin` on its standard input, in
-/// an environment cleared of the variables that would change what it does.
-async fn invoker_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
+/// Starts `edge-invoker ARGS...` with `env` set, its streams piped, in an environment
+/// cleared of the variables that would change what it does; killed if dropped first.
+fn spawn_invoker(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-invoker"));
     for var in [
         "EDGE_BROKER",
@@ -43,17 +43,19 @@ async fn invoker_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run 
     ] {
         command.env_remove(var);
     }
-    let mut child = command
+    command
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
-        .expect("edge-invoker starts");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin).await.expect("stdin written");
-    drop(input);
+        .expect("edge-invoker starts")
+}
+
+/// What a run of the binary left, once it ended.
+async fn finished(child: tokio::process::Child) -> Run {
     let out = child.wait_with_output().await.expect("edge-invoker runs");
     let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8 output");
     Run {
@@ -61,6 +63,16 @@ async fn invoker_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run 
         stdout: text(out.stdout),
         stderr: text(out.stderr),
     }
+}
+
+/// Runs `edge-invoker ARGS...` with `env` set and `stdin` on its standard input, in
+/// an environment cleared of the variables that would change what it does.
+async fn invoker_with(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
+    let mut child = spawn_invoker(args, env);
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("stdin written");
+    drop(input);
+    finished(child).await
 }
 
 /// Runs `edge-invoker --broker URL ARGS...`.
@@ -160,7 +172,6 @@ impl Site {
 /// Why the broker says `device` is offline after its host stopped: a clean stop
 /// publishes `shutdown` (with the time it happened) and waits until the broker has it.
 async fn offline_reason(broker: &BrokerUrl, device: &str) -> String {
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let topic = format!("devices/{device}/$edge/presence");
     let mut reader = RawClient::connect(broker, std::slice::from_ref(&topic))
         .await
@@ -173,6 +184,24 @@ async fn offline_reason(broker: &BrokerUrl, device: &str) -> String {
     assert_eq!(presence["online"], json!(false), "{presence}");
     assert_eq!(presence["reason"], json!("shutdown"), "{presence}");
     presence["reason"].as_str().expect("a reason").to_owned()
+}
+
+/// Makes the broker retain a presence saying `device` is online, with nothing behind
+/// it: no catalog, no answers. Returns once the broker has it (its echo came back).
+async fn online_without_host(broker: &BrokerUrl, device: &str) -> RawClient {
+    let topic = format!("devices/{device}/$edge/presence");
+    let mut client = RawClient::connect(broker, std::slice::from_ref(&topic))
+        .await
+        .expect("client");
+    client
+        .publish_retained(&topic, br#"{"online":true}"#.as_slice())
+        .await
+        .expect("presence");
+    client
+        .next_where(Duration::from_secs(10), |t| t == topic)
+        .await
+        .expect("the broker holds the presence");
+    client
 }
 
 /// The fleet most tests run against.
@@ -421,14 +450,11 @@ async fn devices_follows_the_namespace() {
         stopped.await.ok();
     }));
     let broker = site.broker();
-    let started = Instant::now();
-    let run = loop {
+    let run = eventually("pump-9 is listed", Duration::from_secs(30), || async {
         let run = invoker(&broker, &["--namespace", "plant-7/{device-id}/", "devices"]).await;
-        if run.stdout.contains("pump-9") || started.elapsed() > Duration::from_secs(30) {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        run.stdout.contains("pump-9").then_some(run)
+    })
+    .await;
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(
         run.stdout
@@ -550,19 +576,31 @@ async fn methods_shows_the_retained_catalog_and_calls_nothing() {
     );
     assert_eq!(shown["methods"].as_array().map(Vec::len), Some(12));
 
-    // An unknown device: exit 3, one line, nothing on stdout.
+    // An unknown device: exit 6 (no such device), one line, nothing on stdout.
     for args in [&["methods", "nobody"][..], &["--json", "methods", "nobody"]] {
         let run = invoker(&broker, args).await;
         assert_eq!(
             (run.code, run.stdout.as_str(), run.stderr.as_str()),
             (
-                3,
+                6,
                 "",
-                "error: the broker holds no method catalog for device 'nobody': no such \
-                 device, or one that publishes no catalog\n"
+                "error: no such device: the broker holds neither a presence nor a method \
+                 catalog for device 'nobody'\n"
             )
         );
     }
+
+    // A device the broker knows that publishes no catalog: exit 8, not "no such device".
+    let _bare = online_without_host(&broker, "bare").await;
+    let run = invoker(&broker, &["methods", "bare"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (
+            8,
+            "",
+            "error: device 'bare' is online but the broker holds no method catalog for it\n"
+        )
+    );
 
     // No request reached any device.
     let marker = RawClient::connect(&broker, &[]).await.expect("client");
@@ -580,13 +618,7 @@ async fn broadcast_reports_each_device_once_with_totals() {
     let fleet = Fleet::start().await;
     let broker = fleet.broker();
     // A device that says it is online and never answers.
-    let mute = RawClient::connect(&broker, &[]).await.expect("client");
-    mute.publish_retained(
-        "devices/mute/$edge/presence",
-        br#"{"online":true}"#.as_slice(),
-    )
-    .await
-    .expect("presence");
+    let _mute = online_without_host(&broker, "mute").await;
 
     let heavy = heavy();
     let args = [
@@ -716,12 +748,12 @@ async fn broadcast_reports_each_device_once_with_totals() {
         Some("2 devices: 2 succeeded, 0 failed, 0 not online, 0 timed out")
     );
 
-    // A pattern that matches nothing calls nothing: exit 3.
+    // A pattern that matches nothing calls nothing: exit 6, no such device.
     let run = invoker(&broker, &["broadcast", "echo", "--devices", "valve-*"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str(), run.stderr.as_str()),
         (
-            3,
+            6,
             "",
             "error: no device to call: none of the 5 devices the broker knows matches 'valve-*'\n"
         )
@@ -768,38 +800,60 @@ async fn broadcast_does_not_wait_for_offline_devices_unless_told_to() {
         [(json!("pump-3"), json!(404103))]
     );
 
-    // With a connect timeout, the job waits for the device to come online.
+    // With a connect timeout, the job waits for the device to come online. The device
+    // starts only once the job's log says it waits for it, so the job cannot have
+    // found it online.
     let url = broker.to_string();
-    let job = tokio::spawn(async move {
-        invoker_with(
-            &[
-                "--broker",
-                &url,
-                "broadcast",
-                "echo",
-                "7",
-                "--devices",
-                "pump-*",
-                "--connect-timeout",
-                "60",
-            ],
-            &[],
-            b"",
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut job = spawn_invoker(
+        &[
+            "--json",
+            "--broker",
+            &url,
+            "broadcast",
+            "echo",
+            "7",
+            "--devices",
+            "pump-*",
+            "--connect-timeout",
+            "60",
+        ],
+        &[("RUST_LOG", "edge_invoker=debug")],
+    );
+    drop(job.stdin.take());
+    let mut log = BufReader::new(job.stderr.take().expect("stderr")).lines();
+    let waiting = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = log.next_line().await.expect("stderr") {
+            if line.contains("offline; waiting for it to come online") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(waiting, Ok(true), "the job waits for pump-3");
+    let waiting_since = Instant::now();
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     let host = site.pump("pump-3").await;
-    let run = job.await.expect("the job ends");
+    let host_took = waiting_since.elapsed();
+    let run = finished(job).await;
+    drain.await.expect("stderr drained");
     assert_eq!(run.code, 0, "{run:?}");
+    let mut results = json_lines(&run);
+    let elapsed = results[0]
+        .as_object_mut()
+        .and_then(|result| result.remove("elapsedMs"))
+        .and_then(|ms| ms.as_u64())
+        .map(Duration::from_millis)
+        .expect("an elapsed time");
     assert_eq!(
-        cells(run.stdout.lines().nth(1).expect("a row")),
-        [
-            "pump-3",
-            "200",
-            cells(run.stdout.lines().nth(1).expect("a row"))[2],
-            "7"
-        ]
+        results,
+        [json!({"deviceId": "pump-3", "status": 200, "payload": 7})]
+    );
+    // The call's time includes the wait: at least the time the host took to start
+    // (less the moment between the job and the test seeing its presence).
+    assert!(
+        elapsed + Duration::from_millis(250) >= host_took,
+        "{elapsed:?} for a call that waited {host_took:?}"
     );
     host.stop().await.expect("clean stop");
 }

@@ -340,7 +340,7 @@ async fn devices_and_methods_come_from_the_registry_and_the_twins() {
     assert_eq!(shown["methods"], reported_methods()["methods"], "{run:?}");
 
     let run = hub.invoker(&["methods", "pump-2"]).await;
-    run.failed(3, "error: device 'pump-2' reports no method catalog in its twin (properties.reported.methods is missing or not a list of methods)\n");
+    run.failed(8, "error: device 'pump-2' reports no method catalog in its twin (properties.reported.methods is missing or not a list of methods)\n");
     let run = hub.invoker(&["methods", "nobody"]).await;
     run.failed(
         6,
@@ -410,7 +410,7 @@ async fn broadcast_runs_a_scheduled_method_job_on_the_hub() {
     let run = hub
         .invoker(&["broadcast", "ping", "--devices", "nothing-*"])
         .await;
-    run.failed(3, "error: no device to call: none of the 3 devices the hub's registry knows matches 'nothing-*'\n");
+    run.failed(6, "error: no device to call: none of the 3 devices the hub's registry knows matches 'nothing-*'\n");
 
     device.stop().await;
     hub.stop().await;
