@@ -80,13 +80,11 @@ pub struct Cli {
     )]
     pub key_file: Option<PathBuf>,
 
-    /// Threads the hub runs on. 1 (the default) runs every connection on one event
-    /// loop, as Mosquitto does: a message relayed between a device or a service caller
-    /// and the backend then wakes no other thread. More spreads TLS and HTTP work over
-    /// that many threads, for many devices on a machine with cores to spare.
-    #[arg(long, env = "EDGE_HUB_THREADS", value_name = "N", default_value_t = 1,
+    /// Threads the hub runs on [default: one per CPU]. 1 runs every connection on one
+    /// event loop, as Mosquitto does.
+    #[arg(long, env = "EDGE_HUB_THREADS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
-    pub threads: u16,
+    pub threads: Option<u16>,
 
     /// What to do; without a command, run the hub.
     #[command(subcommand)]
@@ -314,10 +312,10 @@ mod tests {
     }
 
     #[test]
-    fn the_hub_runs_on_one_thread_unless_told_otherwise_and_never_on_none() {
+    fn the_hub_runs_on_a_thread_per_cpu_unless_told_otherwise_and_never_on_none() {
         let parse = |args: &[&str]| Cli::try_parse_from([&["edge-hub"], args].concat());
-        assert_eq!(parse(&[]).expect("no flag").threads, 1);
-        assert_eq!(parse(&["--threads", "4"]).expect("four").threads, 4);
+        assert_eq!(parse(&[]).expect("no flag").threads, None);
+        assert_eq!(parse(&["--threads", "4"]).expect("four").threads, Some(4));
         let error = parse(&["--threads", "0"]).expect_err("zero threads");
         assert!(error.to_string().contains("--threads"), "{error}");
     }
