@@ -68,7 +68,6 @@ impl Caller {
         let sync_topic = format!("edge-invoker/{}/sync", connected.client_id);
         let shared = Arc::new(Shared {
             client: connected.client,
-            client_id: connected.client_id,
             sync_topic,
             broker: connected.broker,
             routes: Mutex::new(Routes::default()),
@@ -89,11 +88,6 @@ impl Caller {
                 reason: e.to_string(),
             })?;
         Ok(Self { shared })
-    }
-
-    /// The MQTT client id of this session, `edge-invoker-` and 10 hex digits.
-    pub fn client_id(&self) -> &str {
-        &self.shared.client_id
     }
 
     /// Calls a method and waits for the device's answer, as IoT Hub's service API does:

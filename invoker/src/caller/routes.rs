@@ -20,8 +20,6 @@ use crate::call::CallError;
 pub(super) struct Shared {
     /// The handle that queues requests for the event loop.
     pub(super) client: AsyncClient,
-    /// The MQTT client id.
-    pub(super) client_id: String,
     /// The caller's private topic, for sync messages (barriers).
     pub(super) sync_topic: String,
     /// The broker's URL, for errors.
