@@ -42,14 +42,6 @@ fn host_command(device: &str, handlers: &HandlerDir, broker: &Mosquitto) -> Comm
     command
 }
 
-fn signal(child: &ChildGuard, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
 /// Sends `count` calls of misbehave's `sleep` for `ms` to `device` (request ids
 /// `sleep-0`, `sleep-1`, ...) and returns once the host has taken them all: a probe
 /// sent after them on the same connection has been answered, and a host takes one
@@ -225,7 +217,7 @@ async fn a_host_killed_hard_is_reported_not_online_at_once() {
         200
     );
 
-    signal(&host, "-KILL");
+    host.signal("KILL").expect("the signal is sent");
     host.wait().expect("reaped");
     // The broker publishes the host's will as soon as the connection drops.
     presence(
@@ -261,7 +253,7 @@ async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
 
     // Five calls that take 1.5 s.
     let (ns, mut client) = sleepers_in_flight(&broker, "stopping-device", 5, 1500).await;
-    signal(&host, "-TERM");
+    host.signal("TERM").expect("the signal is sent");
     for _ in 0..5 {
         let (topic, _) = client
             .next_where(Duration::from_secs(10), |t| t.contains("$rid=sleep-"))
@@ -307,7 +299,7 @@ async fn sigterm_with_calls_stuck_in_host_calls_exits_within_the_grace_without_p
     let _sleepers = sleepers_in_flight(&broker, "stuck-device", 8, u32::MAX).await;
 
     let stopped = Instant::now();
-    signal(&host, "-TERM");
+    host.signal("TERM").expect("the signal is sent");
     let status = eventually(
         "the host exits within its 10 s grace (and then some)",
         Duration::from_secs(25),

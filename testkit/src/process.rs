@@ -22,6 +22,25 @@ impl ChildGuard {
         command.spawn().map(Self::from)
     }
 
+    /// Sends the child `signal` (a name such as `TERM` or `KILL`), with the system's
+    /// `kill`.
+    ///
+    /// # Errors
+    /// When `kill` cannot run or fails (no such process, an unknown signal).
+    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill -{signal} {} failed: {status}",
+                self.id()
+            )))
+        }
+    }
+
     /// Waits for the child to exit and collects its piped output, as
     /// [`Child::wait_with_output`]; the child is reaped whatever happens.
     ///
@@ -79,5 +98,15 @@ mod tests {
         drop(child);
         // Reaped, not a zombie: the process is gone from /proc.
         assert!(!proc.exists(), "{} is still there", proc.display());
+    }
+
+    #[test]
+    fn signal_delivers_the_named_signal_and_refuses_an_unknown_one() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let mut child = ChildGuard::spawn(Command::new("sleep").arg("600").stdin(Stdio::null()))
+            .expect("sleep starts");
+        assert!(child.signal("NOSUCHSIGNAL").is_err());
+        child.signal("TERM").expect("SIGTERM is sent");
+        assert_eq!(child.wait().expect("sleep ends").signal(), Some(15));
     }
 }
