@@ -2,10 +2,12 @@
 //! wasm32-wasip2, so that `cargo test` alone has real components to load.
 //!
 //! The guests build with a cargo of their own into `target/guests`, a target folder
-//! apart from the one the outer build holds locked.
+//! apart from the one the outer build holds locked, by the command `cargo xtask
+//! handlers` uses ([`xtask::guests`]).
 
 use std::path::PathBuf;
-use std::process::Command;
+
+use xtask::guests;
 
 /// Every guest package, with the folder it lives in.
 const GUESTS: &[(&str, &str)] = &[
@@ -25,31 +27,12 @@ const MISSING_TARGET: &str = "the wasm32-wasip2 target is not installed for this
     tests' guest components are built for it: run `rustup target add wasm32-wasip2` (or run the \
     tests with `cargo xtask test`, which adds it), then build again";
 
-/// Whether the compiler cargo uses has the standard library of wasm32-wasip2.
-fn has_wasm_target() -> bool {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let Ok(out) = Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", "wasm32-wasip2"])
-        .output()
-    else {
-        return false;
-    };
-    let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    out.status.success()
-        && std::fs::read_dir(libdir).is_ok_and(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .any(|entry| entry.file_name().to_string_lossy().starts_with("libcore-"))
-        })
-}
-
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir
         .parent()
         .expect("testkit sits in the workspace")
         .to_owned();
-    let target_dir = root.join("target").join("guests");
     for (_, dir) in GUESTS {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
@@ -61,43 +44,19 @@ fn main() {
 
     // Without the target the build below fails with "can't find crate for `core`",
     // which does not say what to do.
-    assert!(has_wasm_target(), "{MISSING_TARGET}");
+    assert!(
+        guests::rustc_has_target(&root, guests::WASM_TARGET),
+        "{MISSING_TARGET}"
+    );
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&root)
-        .args([
-            "build",
-            "--profile",
-            "guest",
-            "--target",
-            "wasm32-wasip2",
-            "--target-dir",
-        ])
-        .arg(&target_dir);
-    for (package, _) in GUESTS {
-        command.args(["-p", package]);
-    }
-    // What the outer build set for itself must not leak into the guests' build.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_PROFILE_RELEASE_DEBUG",
-    ] {
-        command.env_remove(var);
-    }
-    let status = command
+    let packages: Vec<&str> = GUESTS.iter().map(|(package, _)| *package).collect();
+    let status = guests::build_command(&root, &packages)
         .status()
         .expect("cannot run cargo to build the guests");
     assert!(
         status.success(),
         "building the guest components failed (see the compiler output above)"
     );
-    let out = target_dir.join("wasm32-wasip2").join("guest");
+    let out = guests::out_dir(&root);
     println!("cargo:rustc-env=EDGE_GUESTS_DIR={}", out.display());
 }

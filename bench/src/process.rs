@@ -7,12 +7,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use edge_proto::BrokerUrl;
+use testkit::{ChildGuard, Signal};
 
 /// The device id every process under test serves.
 pub const DEVICE: &str = "bench-device";
@@ -20,9 +20,9 @@ pub const DEVICE: &str = "bench-device";
 /// How long a stopped process may take to exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
-/// A process under test, killed when dropped if it still runs.
+/// A process under test, killed when dropped if it still runs (its [`ChildGuard`]).
 pub struct Process {
-    child: Child,
+    child: ChildGuard,
     /// What it is, for messages: `edge-host`, `edge-hub`, `floor-responder`,
     /// `hub-device` or `embedded-broker`.
     name: &'static str,
@@ -98,12 +98,13 @@ impl Process {
 
     /// Starts `command` (a release binary of the workspace) logging warnings only.
     fn spawn(mut command: Command, name: &'static str) -> anyhow::Result<Self> {
-        let child = command
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
+        let child = ChildGuard::spawn(
+            command
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )
+        .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
         Ok(Self { child, name })
     }
 
@@ -174,13 +175,14 @@ impl Process {
     /// Starts this binary again with its hidden `subcommand` and `args`.
     fn this_binary(subcommand: &'static str, args: &[&str]) -> anyhow::Result<Self> {
         let binary = std::env::current_exe().context("finding the edge-bench binary")?;
-        let child = Command::new(&binary)
-            .arg(subcommand)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {} {subcommand}", binary.display()))?;
+        let child = ChildGuard::spawn(
+            Command::new(&binary)
+                .arg(subcommand)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )
+        .with_context(|| format!("starting {} {subcommand}", binary.display()))?;
         Ok(Self {
             child,
             name: subcommand,
@@ -206,7 +208,7 @@ impl Process {
     /// # Errors
     /// When `/proc/PID/status` cannot be read (the process is gone).
     pub fn rss(&self) -> anyhow::Result<u64> {
-        self.status_kib("VmRSS")
+        self.status_bytes("VmRSS")
     }
 
     /// The most resident memory it has had (`VmHWM`), in bytes.
@@ -214,20 +216,13 @@ impl Process {
     /// # Errors
     /// When `/proc/PID/status` cannot be read (the process is gone).
     pub fn peak_rss(&self) -> anyhow::Result<u64> {
-        self.status_kib("VmHWM")
+        self.status_bytes("VmHWM")
     }
 
-    /// The value of `field` in `/proc/PID/status`, given in kB there, in bytes.
-    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|value| value.trim().strip_suffix("kB"))
-            .and_then(|kib| kib.trim().parse::<u64>().ok())
-            .with_context(|| format!("no {field} in {path}"))?;
-        Ok(kib * 1024)
+    /// The value of `field` in `/proc/PID/status`, in bytes.
+    fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
+        testkit::status_bytes(Some(self.child.id()), field)
+            .with_context(|| format!("reading {field} of {}", self.name))
     }
 
     /// Fails if it has exited, with how.
@@ -246,14 +241,9 @@ impl Process {
     /// # Errors
     /// When the signal cannot be sent, or it had to be killed.
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .context("running kill -TERM")?;
-        if !sent.success() {
-            bail!("kill -TERM {pid} failed: {sent}");
-        }
+        self.child
+            .signal(Signal::TERM)
+            .with_context(|| format!("sending SIGTERM to {}", self.name))?;
         let asked = Instant::now();
         while asked.elapsed() < STOP_GRACE {
             if let Some(status) = self.child.try_wait()? {
@@ -265,15 +255,6 @@ impl Process {
             "{} did not exit within {STOP_GRACE:?} of SIGTERM; killed",
             self.name
         )
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
     }
 }
 
@@ -330,22 +311,9 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     };
     // Fields 14 and 15: utime and stime, in clock ticks.
     let ticks = field(14)? + field(15)?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when it cannot be asked).
-fn clock_ticks() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .filter(|&ticks| ticks > 0)
-            .unwrap_or(100)
-    })
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
+    ))
 }
 
 /// The share (0–1) of all CPUs that was busy over `window`, from `/proc/stat`: how

@@ -241,7 +241,7 @@ impl Session {
     }
 
     /// Serves until `shutdown` completes, then marks the device offline, answers the
-    /// calls in flight (for at most [`SHUTDOWN_GRACE`]) and disconnects. Connection
+    /// calls in flight (for at most `SHUTDOWN_GRACE`) and disconnects. Connection
     /// failures do not end it: it backs off and reconnects (on IoT Hub with a fresh
     /// token).
     ///

@@ -8,7 +8,7 @@
 //! slower code, so that it serves at once; the optimiser then compiles the optimised
 //! build in the background and the registry swaps it in.
 //!
-//! A call gets a fresh instance from the version's [`DeviceHandlerPre`], a deadline, a
+//! A call gets a fresh instance from the version's `DeviceHandlerPre`, a deadline, a
 //! linear-memory cap enforced by a resource limiter, and WASI with nothing granted: no
 //! files, network, environment, arguments or stdin. What the handler prints or logs is
 //! captured, capped and logged, tagged with the method and request.

@@ -10,7 +10,7 @@
 //! that a release swaps with `ln -sfn`), the old watch sees nothing more. So the
 //! parent folder is watched too, for the handlers path being created, removed or
 //! renamed over, and the folder's identity (device and inode of what the path leads
-//! to) is checked on those events and every [`IDENTITY_CHECK`]: when it changed, the
+//! to) is checked on those events and every `IDENTITY_CHECK`: when it changed, the
 //! watch is set again on what the path leads to now, and the folder synced.
 
 use std::path::{Path, PathBuf};

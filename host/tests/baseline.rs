@@ -71,15 +71,15 @@ async fn a_large_new_handler_serves_from_baseline_code_then_swaps_to_optimised_c
     std::fs::copy(&built, &staged).expect("staged");
     std::fs::rename(&staged, handlers.path().join("greeter-py.wasm")).expect("renamed in");
     let landed = Instant::now();
-    loop {
+    testkit::eventually("greeter-py serving", OPTIMISE_TIME, async || {
         let (status, body) = greet(&mut client).await;
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 404, "before it serves: {body}");
-        assert!(landed.elapsed() < OPTIMISE_TIME, "greeter-py never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        assert!(
+            status == 200 || status == 404,
+            "before it serves, 404: {status} {body}"
+        );
+        (status == 200).then_some(())
+    })
+    .await;
     let first_answer = landed.elapsed();
 
     // Every call from the first answer on succeeds, across the swap and after it.

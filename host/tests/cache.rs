@@ -210,7 +210,7 @@ fn spawn_host(
 
 /// Stops a host with SIGTERM and returns its log.
 fn stop(mut host: ChildGuard, log: &Path) -> String {
-    host.signal("TERM").expect("SIGTERM is sent");
+    host.signal(testkit::Signal::TERM).expect("SIGTERM is sent");
     let status = host.wait().expect("ends");
     let log = std::fs::read_to_string(log).expect("log");
     assert!(status.success(), "{status}: {log}");

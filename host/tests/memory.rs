@@ -6,14 +6,8 @@ use testkit::{HandlerDir, Mosquitto, TestHost, WireCaller, host_config};
 
 /// The resident set of this process (host included: it runs in-process), in bytes.
 fn rss() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
-    let kib: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
+    let bytes = testkit::status_bytes(None, "VmRSS").expect("VmRSS in /proc/self/status");
+    usize::try_from(bytes).expect("a resident set that fits in memory")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

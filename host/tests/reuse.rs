@@ -114,18 +114,12 @@ async fn a_reload_retires_the_old_versions_warm_instances() {
         "reuse = true\n# reloaded\n",
     )
     .expect("sidecar");
-    let started = std::time::Instant::now();
-    loop {
-        let count = s.counts(1).await[0];
-        if count == 1 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the reload never retired the warm instance"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::eventually(
+        "the reload retiring the warm instance",
+        Duration::from_secs(20),
+        async || (s.counts(1).await[0] == 1).then_some(()),
+    )
+    .await;
     assert_eq!(
         s.counts(2).await,
         [2, 3],

@@ -419,20 +419,17 @@ async fn grants_give_exactly_what_they_say() {
     // A writable grant, reloaded by changing the sidecar.
     let writable = sidecar.replace("guest = \"/data\"", "guest = \"/data\", writable = true");
     std::fs::write(s.handlers.path().join("probe.toml"), writable).expect("sidecar");
-    let started = std::time::Instant::now();
-    loop {
-        let (_, write) = s
-            .call("write", r#"{"path":"/data/new.txt","contents":"x"}"#)
-            .await;
-        if write == json!({"written": 1}) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the writable grant never applied: {write}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::eventually(
+        "the writable grant applying",
+        Duration::from_secs(20),
+        async || {
+            let (_, write) = s
+                .call("write", r#"{"path":"/data/new.txt","contents":"x"}"#)
+                .await;
+            (write == json!({"written": 1})).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         std::fs::read_to_string(data.path().join("new.txt")).expect("written"),
         "x"

@@ -559,7 +559,7 @@ async fn with_the_documented_config_an_oversized_message_cuts_neither_host_nor_i
         other => problems.push(format!("call: {other:?}")),
     }
     // The host never lost its connection.
-    host.signal("TERM").expect("SIGTERM is sent");
+    host.signal(testkit::Signal::TERM).expect("SIGTERM is sent");
     let status = host.wait().expect("the host ends");
     let log = std::fs::read_to_string(&log_path).expect("the host's log");
     if !status.success() || log.contains("MQTT connection failed") {

@@ -217,7 +217,8 @@ async fn a_host_killed_hard_is_reported_not_online_at_once() {
         200
     );
 
-    host.signal("KILL").expect("the signal is sent");
+    host.signal(testkit::Signal::KILL)
+        .expect("the signal is sent");
     host.wait().expect("reaped");
     // The broker publishes the host's will as soon as the connection drops.
     presence(
@@ -253,7 +254,8 @@ async fn sigterm_answers_the_calls_in_flight_marks_offline_and_exits_0() {
 
     // Five calls that take 1.5 s.
     let (ns, mut client) = sleepers_in_flight(&broker, "stopping-device", 5, 1500).await;
-    host.signal("TERM").expect("the signal is sent");
+    host.signal(testkit::Signal::TERM)
+        .expect("the signal is sent");
     for _ in 0..5 {
         let (topic, _) = client
             .next_where(Duration::from_secs(10), |t| t.contains("$rid=sleep-"))
@@ -299,7 +301,8 @@ async fn sigterm_with_calls_stuck_in_host_calls_exits_within_the_grace_without_p
     let _sleepers = sleepers_in_flight(&broker, "stuck-device", 8, u32::MAX).await;
 
     let stopped = Instant::now();
-    host.signal("TERM").expect("the signal is sent");
+    host.signal(testkit::Signal::TERM)
+        .expect("the signal is sent");
     let status = eventually(
         "the host exits within its 10 s grace (and then some)",
         Duration::from_secs(25),

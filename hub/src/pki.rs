@@ -295,7 +295,7 @@ pub fn verify_ca_signed(
 
 /// The rustls server configuration for `identity`, offering `alpn` protocols; with
 /// `client_certificates`, clients may present a certificate (see
-/// [`AnyClientCertificate`]).
+/// `AnyClientCertificate`).
 ///
 /// # Errors
 /// When the files cannot be made or read, or hold no certificate or key.

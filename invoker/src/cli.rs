@@ -394,7 +394,7 @@ impl HubArgs {
 /// into them in one place, [`BrokerArgs::connect_options`].
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// The MQTT broker, mqtt://HOST[:PORT] (port 1883 when omitted), or mqtts:// for TLS
+    /// The MQTT broker, mqtt://HOST:PORT or mqtt://HOST (port 1883), or mqtts:// for TLS
     /// (port 8883) [default: mqtt://127.0.0.1:1883]
     #[arg(long, env = "EDGE_BROKER", value_name = "URL", global = true)]
     pub broker: Option<BrokerUrl>,

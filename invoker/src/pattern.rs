@@ -3,16 +3,21 @@
 
 use std::fmt;
 
+use wildmatch::WildMatch;
+
 /// A glob over device ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DevicePattern {
     glob: String,
+    matcher: WildMatch,
 }
 
 impl DevicePattern {
     /// The pattern `glob`; every string is one (there is nothing to escape).
     pub fn new(glob: impl Into<String>) -> Self {
-        Self { glob: glob.into() }
+        let glob = glob.into();
+        let matcher = WildMatch::new(&glob);
+        Self { glob, matcher }
     }
 
     /// The pattern that matches every device.
@@ -32,39 +37,18 @@ impl DevicePattern {
 
     /// Whether `device` matches the whole pattern.
     pub fn matches(&self, device: &str) -> bool {
-        let pattern: Vec<char> = self.glob.chars().collect();
-        let text: Vec<char> = device.chars().collect();
-        let (mut p, mut t) = (0, 0);
-        // Where the last `*` was, and where in the text it began to match: on a
-        // mismatch the `*` takes one more character and matching goes on from there.
-        let mut star: Option<(usize, usize)> = None;
-        while t < text.len() {
-            match pattern.get(p) {
-                Some('*') => {
-                    star = Some((p, t));
-                    p += 1;
-                }
-                Some('?') => {
-                    p += 1;
-                    t += 1;
-                }
-                Some(&c) if c == text[t] => {
-                    p += 1;
-                    t += 1;
-                }
-                _ => match star {
-                    Some((star_p, star_t)) => {
-                        p = star_p + 1;
-                        t = star_t + 1;
-                        star = Some((star_p, star_t + 1));
-                    }
-                    None => return false,
-                },
-            }
-        }
-        pattern[p..].iter().all(|&c| c == '*')
+        self.matcher.matches(device)
     }
 }
+
+/// Two patterns are equal when written alike.
+impl PartialEq for DevicePattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.glob == other.glob
+    }
+}
+
+impl Eq for DevicePattern {}
 
 impl fmt::Display for DevicePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -37,7 +37,7 @@ pub use host::{TestHost, catalog, catalog_until, host_config, presence, presence
 pub use logs::{LogCapture, capture_logs, init_logging};
 pub use mosquitto::Mosquitto;
 pub use pki::TestPki;
-pub use process::ChildGuard;
+pub use process::{ChildGuard, Signal, status_bytes};
 pub use wire::{Delivery, RawClient, RawOptions, WireCaller, publish_once};
 
 /// A free TCP port on 127.0.0.1 (free when asked; taken soon after by the caller).
@@ -52,11 +52,14 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Polls `check` every 50 ms until it gives a value, and returns it; panics naming
 /// `what` if none came within `timeout`. For what a test waits to see happen (a file
 /// reloaded, a twin updated), never for how fast it happens.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
+///
+/// `check` is an async closure, so it may borrow what the test holds mutably (a
+/// caller, a setup) across its awaits.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {

@@ -6,7 +6,10 @@
 //!   and building a component from sources, cached by the digest of its inputs.
 //! - [`scaffold`]: `cargo xtask new NAME --lang rust|python|js`, a standalone handler
 //!   folder that builds with one command.
+//! - [`guests`]: the Rust guests' target and build command (`cargo xtask handlers` and
+//!   testkit's build script).
 
+pub mod guests;
 pub mod lang;
 pub mod scaffold;
 

@@ -23,9 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
-
-/// The target every guest (handler or test fixture) is built for.
-const WASM_TARGET: &str = "wasm32-wasip2";
+use xtask::guests::{self, WASM_TARGET};
 
 /// The example handlers: packages under `handlers/`.
 const HANDLERS: &[&str] = &["device-method", "echo", "device-info"];
@@ -69,9 +67,7 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+    xtask::root()
 }
 
 fn cargo() -> Command {
@@ -84,32 +80,17 @@ fn cargo() -> Command {
 /// into `target/handlers/` as `NAME.wasm`.
 fn build_handlers() -> anyhow::Result<PathBuf> {
     ensure_wasm_target()?;
-    let target_dir = root().join("target").join("guests");
-    let mut build = cargo();
-    build
-        .args([
-            "build",
-            "--profile",
-            "guest",
-            "--target",
-            "wasm32-wasip2",
-            "--target-dir",
-        ])
-        .arg(&target_dir);
-    for package in HANDLERS {
-        build.args(["-p", package]);
-    }
     check(
-        build.status().context("running cargo build")?,
+        guests::build_command(&root(), HANDLERS)
+            .status()
+            .context("running cargo build")?,
         "building the handlers",
     )?;
 
     let out = root().join("target").join("handlers");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     for package in HANDLERS {
-        let built = target_dir
-            .join("wasm32-wasip2/guest")
-            .join(format!("{}.wasm", package.replace('-', "_")));
+        let built = guests::out_dir(&root()).join(format!("{}.wasm", package.replace('-', "_")));
         let to = out.join(format!("{package}.wasm"));
         std::fs::copy(&built, &to)
             .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
@@ -282,7 +263,7 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
             missing_target_help()
         ),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            if rustc_has_target(WASM_TARGET) {
+            if guests::rustc_has_target(&root(), WASM_TARGET) {
                 Ok(())
             } else {
                 bail!("{}", missing_target_help())
@@ -305,26 +286,6 @@ fn missing_target_help() -> String {
 /// Whether `rustup target list --installed` output lists `target`.
 fn lists_target(output: &str, target: &str) -> bool {
     output.lines().any(|line| line.trim() == target)
-}
-
-/// Whether rustc (without rustup) has the standard library of `target`: its
-/// `target-libdir` holds a `libcore`.
-fn rustc_has_target(target: &str) -> bool {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let Ok(out) = Command::new(rustc)
-        .current_dir(root())
-        .args(["--print", "target-libdir", "--target", target])
-        .output()
-    else {
-        return false;
-    };
-    let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    out.status.success()
-        && std::fs::read_dir(libdir).is_ok_and(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .any(|entry| entry.file_name().to_string_lossy().starts_with("libcore-"))
-        })
 }
 
 /// Installs Debian's Mosquitto when it is missing and this user can.
@@ -431,13 +392,5 @@ mod tests {
             "x86_64-pc-windows-msvc\r\nwasm32-wasip2\r\n",
             "wasm32-wasip2"
         ));
-    }
-
-    #[test]
-    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-    fn rustc_finds_the_standard_library_of_a_target_it_has_and_not_of_others() {
-        assert!(rustc_has_target("x86_64-unknown-linux-gnu"));
-        assert!(!rustc_has_target("sparc64-unknown-linux-gnu"));
-        assert!(!rustc_has_target("no-such-target"));
     }
 }
