@@ -17,6 +17,13 @@
 //!
 //! The cache never falls back to a shared folder: with neither `XDG_CACHE_HOME` nor
 //! `HOME` set, and no folder configured, there is no cache ([`default_dir`]).
+//!
+//! Why not wasmtime's own cache (`Config::cache`, its `cache` feature): it files code
+//! under a hash of the module and the compiler's settings and runs whatever it finds
+//! under that name. Nothing ties an entry to whoever wrote it, and the folder's owner
+//! and permissions are not checked, so a file planted there would run as this host's
+//! own machine code; the guarantees above are what this module is for. Its one
+//! `unsafe` (`Component::deserialize`) is the price of them, argued where it stands.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
