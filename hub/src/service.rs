@@ -253,10 +253,15 @@ impl Service {
     }
 }
 
-async fn read_json(body: Body) -> Result<Value, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY)
+/// The request body, at most [`MAX_BODY`] bytes.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY)
         .await
-        .map_err(|_| ApiError::too_large(format!("the request body is over {MAX_BODY} bytes")))?;
+        .map_err(|_| ApiError::too_large(format!("the request body is over {MAX_BODY} bytes")))
+}
+
+async fn read_json(body: Body) -> Result<Value, ApiError> {
+    let bytes = read_body(body).await?;
     if bytes.is_empty() {
         return Ok(Value::Null);
     }
@@ -266,12 +271,12 @@ async fn read_json(body: Body) -> Result<Value, ApiError> {
 
 /// A timeout field in seconds, within `range`, or `default`.
 fn seconds(
-    body: &Map<String, Value>,
+    value: Option<&Value>,
     field: &str,
     range: &std::ops::RangeInclusive<u64>,
     default: Duration,
 ) -> Result<Duration, ApiError> {
-    match body.get(field) {
+    match value {
         None | Some(Value::Null) => Ok(default),
         Some(value) => match value.as_u64() {
             Some(secs) if range.contains(&secs) => Ok(Duration::from_secs(secs)),
@@ -284,6 +289,43 @@ fn seconds(
     }
 }
 
+/// The body of `POST /twins/{id}/methods`. The payload stays the JSON text it came
+/// as, borrowed from the body: it goes to the device as it is, never built into a tree
+/// and written out again.
+#[derive(serde::Deserialize)]
+struct MethodCall<'a> {
+    #[serde(rename = "methodName", borrow)]
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
+    #[serde(rename = "responseTimeoutInSeconds")]
+    response_timeout: Option<Value>,
+    #[serde(rename = "connectTimeoutInSeconds")]
+    connect_timeout: Option<Value>,
+}
+
+/// The payload to send for `payload` (absent is `null`), within IoT Hub's limit. The
+/// limit counts the payload as IoT Hub does, without insignificant whitespace: text
+/// sent spaced out is compacted only when its spaces alone take it over the limit.
+fn payload_text(payload: Option<&serde_json::value::RawValue>) -> Result<String, ApiError> {
+    let Some(raw) = payload else {
+        return Ok("null".to_owned());
+    };
+    let mut text = raw.get().to_owned();
+    if text.len() > MAX_PAYLOAD {
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| ApiError::argument(format!("the payload is not JSON: {e}")))?;
+        text = value.to_string();
+    }
+    if text.len() > MAX_PAYLOAD {
+        return Err(ApiError::too_large(format!(
+            "the payload is {} bytes; the limit is {MAX_PAYLOAD}",
+            text.len()
+        )));
+    }
+    Ok(text)
+}
+
 /// `POST /twins/{id}/methods`: IoT Hub's direct method call.
 async fn invoke(
     State(service): State<Arc<Service>>,
@@ -292,30 +334,34 @@ async fn invoke(
     body: Body,
 ) -> Result<Response, ApiError> {
     service.authorize(&headers, &[Right::ServiceConnect])?;
-    let Value::Object(body) = read_json(body).await? else {
-        return Err(ApiError::argument("the request body is not a JSON object"));
+    let body = read_body(body).await?;
+    let call: MethodCall<'_> = match serde_json::from_slice(&body) {
+        Ok(call) => call,
+        Err(e) if e.is_data() => {
+            return Err(ApiError::argument(format!(
+                "the request body is not a method call (a JSON object with methodName, \
+                 payload, responseTimeoutInSeconds, connectTimeoutInSeconds): {e}"
+            )));
+        }
+        Err(e) => {
+            return Err(ApiError::argument(format!(
+                "the request body is not JSON: {e}"
+            )));
+        }
     };
-    let method = body
-        .get("methodName")
-        .and_then(Value::as_str)
+    let method = call
+        .method
         .ok_or_else(|| ApiError::argument("methodName is missing or not a string"))?;
-    let payload = body.get("payload").cloned().unwrap_or(Value::Null);
-    let payload = serde_json::to_string(&payload).unwrap_or_default();
-    if payload.len() > MAX_PAYLOAD {
-        return Err(ApiError::too_large(format!(
-            "the payload is {} bytes; the limit is {MAX_PAYLOAD}",
-            payload.len()
-        )));
-    }
+    let payload = payload_text(call.payload)?;
     let mut request = CallRequest::new(id.clone(), method, payload);
     request.response_timeout = seconds(
-        &body,
+        call.response_timeout.as_ref(),
         "responseTimeoutInSeconds",
         &RESPONSE_TIMEOUT_SECS,
         DEFAULT_RESPONSE_TIMEOUT,
     )?;
     request.connect_timeout = seconds(
-        &body,
+        call.connect_timeout.as_ref(),
         "connectTimeoutInSeconds",
         &CONNECT_TIMEOUT_SECS,
         Duration::ZERO,
@@ -340,11 +386,14 @@ async fn invoke(
     let response = service.caller.call(&request).await?;
     // The device's payload is JSON already (checked by the Caller): spliced in as it
     // came, rather than parsed into a tree and written out again.
-    let payload = match &response.payload {
-        ResponsePayload::Json(text) => text.clone(),
-        ResponsePayload::NotJson(text) => Value::String(text.clone()).to_string(),
+    let status = response.status;
+    let body = match &response.payload {
+        ResponsePayload::Json(text) => format!(r#"{{"status":{status},"payload":{text}}}"#),
+        ResponsePayload::NotJson(text) => {
+            let text = serde_json::to_string(text).unwrap_or_default();
+            format!(r#"{{"status":{status},"payload":{text}}}"#)
+        }
     };
-    let body = format!(r#"{{"status":{},"payload":{payload}}}"#, response.status);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -634,5 +683,33 @@ fn registry_error(error: RegistryError) -> ApiError {
         RegistryError::Exists(id) => ApiError::exists(&id),
         RegistryError::EtagMismatch(_) => ApiError::precondition(error.to_string()),
         RegistryError::Io(e) => ApiError::server(format!("registry: {e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::{MAX_PAYLOAD, payload_text};
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).expect("JSON")
+    }
+
+    #[test]
+    fn the_payload_goes_as_it_came_and_counts_without_its_spaces() {
+        assert_eq!(payload_text(None).unwrap(), "null");
+        let spaced = r#"{ "a" : [1, 2] }"#;
+        assert_eq!(payload_text(Some(&raw(spaced))).unwrap(), spaced);
+        // Over the limit only by its spaces: compacted, and sent.
+        let inner = "x".repeat(MAX_PAYLOAD - 2);
+        let padded = format!("{}\"{inner}\"", " ".repeat(12));
+        assert_eq!(
+            payload_text(Some(&raw(&padded))).unwrap(),
+            format!("\"{inner}\"")
+        );
+        // Over the limit however it is written: 413.
+        let big = format!("\"{}\"", "x".repeat(MAX_PAYLOAD));
+        assert_eq!(payload_text(Some(&raw(&big))).unwrap_err().code, 413_001);
     }
 }
