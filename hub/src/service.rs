@@ -698,18 +698,21 @@ mod tests {
 
     #[test]
     fn the_payload_goes_as_it_came_and_counts_without_its_spaces() {
-        assert_eq!(payload_text(None).unwrap(), "null");
+        assert_eq!(payload_text(None).expect("null"), "null");
         let spaced = r#"{ "a" : [1, 2] }"#;
-        assert_eq!(payload_text(Some(&raw(spaced))).unwrap(), spaced);
+        assert_eq!(payload_text(Some(&raw(spaced))).expect("sent"), spaced);
         // Over the limit only by its spaces: compacted, and sent.
         let inner = "x".repeat(MAX_PAYLOAD - 2);
         let padded = format!("{}\"{inner}\"", " ".repeat(12));
         assert_eq!(
-            payload_text(Some(&raw(&padded))).unwrap(),
+            payload_text(Some(&raw(&padded))).expect("compacted"),
             format!("\"{inner}\"")
         );
         // Over the limit however it is written: 413.
         let big = format!("\"{}\"", "x".repeat(MAX_PAYLOAD));
-        assert_eq!(payload_text(Some(&raw(&big))).unwrap_err().code, 413_001);
+        assert_eq!(
+            payload_text(Some(&raw(&big))).expect_err("too large").code,
+            413_001
+        );
     }
 }
