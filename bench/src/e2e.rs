@@ -11,7 +11,11 @@
 //! - the same responder, through the embedded broker run on its own
 //!   ([`crate::broker`]), as Mosquitto runs: the embedded broker's own floor;
 //! - edge-host, fresh and reuse, on its own embedded broker: the default path, where
-//!   the broker runs inside the host.
+//!   the broker runs inside the host;
+//!
+//! and with `--lang`, through Mosquitto, edge-host serving the same echo written in
+//! Python (componentize-py) and in JavaScript (componentize-js), a fresh instance per
+//! call, their optimised code taken from a compiled-code cache warmed before the rounds.
 //!
 //! Each is a process of its own, started afresh for each round (5 by default, so that a
 //! slow spell of the machine weighs on all of them and is outvoted); for each: latency
@@ -52,6 +56,11 @@ pub struct Options {
     /// median of the rounds'.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Also measure edge-host with an echo handler in Python and one in JavaScript
+    /// (fresh instances, through Mosquitto), beside Rust's. Builds them with the
+    /// pinned toolchains first (`cargo xtask toolchains`).
+    #[arg(long)]
+    lang: bool,
 }
 
 /// What answers the calls.
@@ -63,6 +72,23 @@ enum Answerer {
     Fresh,
     /// edge-host, warm instances reused (the handler's sidecar opts in).
     Reuse,
+    /// edge-host, a fresh instance per call of an echo written in Python.
+    Python,
+    /// edge-host, a fresh instance per call of an echo written in JavaScript.
+    JavaScript,
+}
+
+impl Answerer {
+    /// The guest an edge-host subject serves, whether it is one of testkit's Python
+    /// or JavaScript guests, and the method it echoes with.
+    fn guest(self) -> Option<(&'static str, bool, &'static str)> {
+        match self {
+            Self::Floor => None,
+            Self::Fresh | Self::Reuse => Some(("echo", false, METHOD)),
+            Self::Python => Some(("py-misbehave", true, "pyEcho")),
+            Self::JavaScript => Some(("js-misbehave", true, "jsEcho")),
+        }
+    }
 }
 
 /// What the calls go through.
@@ -92,6 +118,21 @@ const SUBJECTS: [Subject; 6] = [
     Subject::new(Answerer::Reuse, Broker::Embedded),
 ];
 
+/// The rows `--lang` adds.
+const LANG_SUBJECTS: [Subject; 2] = [
+    Subject::new(Answerer::Python, Broker::Mosquitto),
+    Subject::new(Answerer::JavaScript, Broker::Mosquitto),
+];
+
+/// Issue 14's targets for a fresh call, one at a time, by language: p50 at most this.
+fn lang_target(answerer: Answerer) -> Option<Duration> {
+    match answerer {
+        Answerer::Python => Some(Duration::from_millis(1)),
+        Answerer::JavaScript => Some(Duration::from_micros(500)),
+        _ => None,
+    }
+}
+
 impl Subject {
     const fn new(answerer: Answerer, broker: Broker) -> Self {
         Self { answerer, broker }
@@ -105,6 +146,8 @@ impl Subject {
             (Answerer::Floor, Broker::Embedded) => "responder, embedded broker",
             (Answerer::Fresh, Broker::Embedded) => "edge-host fresh, own broker",
             (Answerer::Reuse, Broker::Embedded) => "edge-host reuse, own broker",
+            (Answerer::Python, _) => "edge-host Python fresh, Mosq.",
+            (Answerer::JavaScript, _) => "edge-host JS fresh, Mosquitto",
         }
     }
 
@@ -115,7 +158,8 @@ impl Subject {
     fn targets(self) -> [Option<Target>; 3] {
         match (self.answerer, self.broker) {
             (Answerer::Floor, Broker::Mosquitto)
-            | (Answerer::Fresh | Answerer::Reuse, Broker::Embedded) => [None; 3],
+            | (Answerer::Fresh | Answerer::Reuse, Broker::Embedded)
+            | (Answerer::Python | Answerer::JavaScript, _) => [None; 3],
             (Answerer::Floor, Broker::Embedded) => {
                 [Some(Target::AtMost(1.3)), None, Some(Target::AtLeast(0.8))]
             }
@@ -233,6 +277,9 @@ struct Brokers {
     on_embedded: Generator,
     /// The payload every call sends.
     payload: Vec<u8>,
+    /// The compiled-code cache of the Python and JavaScript subjects, warmed before the
+    /// rounds so that each round's edge-host serves their optimised code from its start.
+    lang_cache: Option<tempfile::TempDir>,
 }
 
 impl Brokers {
@@ -252,8 +299,48 @@ impl Brokers {
             embedded_url,
             on_embedded,
             payload,
+            lang_cache: None,
         })
     }
+}
+
+/// A compiled-code cache holding the optimised (Cranelift) code of the Python and
+/// JavaScript guests, as edge-host writes it, so that edge-host does not serve them
+/// from baseline code while it compiles.
+fn warm_lang_cache() -> anyhow::Result<tempfile::TempDir> {
+    use edge_host::call::HandlerContext;
+    use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
+    use edge_host::sandbox::{Sandbox, SandboxConfig};
+    use sha2::{Digest as _, Sha256};
+    let cache = tempfile::tempdir().context("creating a cache folder")?;
+    let sandbox = Sandbox::new(&SandboxConfig {
+        max_instances: 80,
+        max_memory: DEFAULT_MAX_MEMORY,
+        cache_dir: Some(cache.path().to_owned()),
+        keep_resident: true,
+        baseline: false,
+    })?;
+    for subject in LANG_SUBJECTS {
+        let Some((name, _, _)) = subject.answerer.guest() else {
+            continue;
+        };
+        let wasm = std::fs::read(testkit::lang::guest(name)?)?;
+        let digest = format!("sha256:{:x}", Sha256::digest(&wasm));
+        eprintln!("compiling {name} into the compiled-code cache (Cranelift)");
+        let context = HandlerContext {
+            file: format!("{name}.wasm"),
+            device_id: DEVICE.into(),
+            config: Default::default(),
+            max_memory: DEFAULT_MAX_MEMORY,
+            grants: Grants::default(),
+            reuse: None,
+        };
+        // Loading compiles the optimised build (baseline off) and caches it.
+        sandbox
+            .load(&wasm, &digest, context)
+            .map_err(|e| anyhow::anyhow!("compiling {name}: {e:#}"))?;
+    }
+    Ok(cache)
 }
 
 /// Runs the benchmark and prints its table.
@@ -267,8 +354,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     process::host_binary()?;
     let busy = process::check_quiet()?;
+    // Before the brokers and their load generators start: compiling blocks for a while
+    // (on a thread of its own, as the sandbox runs calls on runtimes of its own).
+    let lang_cache = if options.lang {
+        let warmed = std::thread::spawn(warm_lang_cache).join().map_err(|_| {
+            anyhow::anyhow!("compiling the Python and JavaScript guests panicked")
+        })??;
+        Some(warmed)
+    } else {
+        None
+    };
     let mut brokers = Brokers::start(&options).await?;
-    let mut results: Vec<(Subject, Outcome)> = SUBJECTS
+    let mut subjects = SUBJECTS.to_vec();
+    if lang_cache.is_some() {
+        brokers.lang_cache = lang_cache;
+        subjects.extend(LANG_SUBJECTS);
+    }
+    let mut results: Vec<(Subject, Outcome)> = subjects
         .into_iter()
         .map(|subject| (subject, Outcome::Measured(Figures::default())))
         .collect();
@@ -312,10 +414,24 @@ async fn measure(
     options: &Options,
 ) -> anyhow::Result<Attempt> {
     let handlers = tempfile::tempdir().context("creating a handlers folder")?;
-    let cache = tempfile::tempdir().context("creating a cache folder")?;
-    if subject.answerer != Answerer::Floor {
-        deploy_echo(handlers.path(), subject.answerer == Answerer::Reuse)?;
-    }
+    let own_cache = tempfile::tempdir().context("creating a cache folder")?;
+    let mut cache = own_cache.path();
+    let method = match subject.answerer.guest() {
+        None => METHOD,
+        Some((_, false, method)) => {
+            deploy_echo(handlers.path(), subject.answerer == Answerer::Reuse)?;
+            method
+        }
+        Some((name, true, method)) => {
+            let wasm = handlers.path().join(format!("{name}.wasm"));
+            std::fs::copy(testkit::lang::guest(name)?, &wasm)
+                .with_context(|| format!("copying {name} to {}", wasm.display()))?;
+            if let Some(warm) = &brokers.lang_cache {
+                cache = warm.path();
+            }
+            method
+        }
+    };
     // edge-host on its own embedded broker brings the broker with it: a load generator
     // connects to it afresh each round.
     let mut own_load = None;
@@ -331,17 +447,18 @@ async fn measure(
         }
         (_, Broker::Mosquitto) => {
             let url = brokers.mosquitto.url();
-            let process = Process::host(&url, handlers.path(), cache.path())?;
+            let process = Process::host(&url, handlers.path(), cache)?;
             (process, url, &mut brokers.on_mosquitto)
         }
         (_, Broker::Embedded) => {
             let listen = loopback_port()?;
             let url = BrokerUrl::tcp("127.0.0.1", listen.port());
-            let mut process = Process::host_on_embedded(listen, handlers.path(), cache.path())?;
+            let mut process = Process::host_on_embedded(listen, handlers.path(), cache)?;
             let load = connect_load(&url, &brokers.payload, &mut process).await?;
             (process, url, own_load.insert(load))
         }
     };
+    load.set_method(method);
     let status = ready(load, &mut process).await?;
     if status == 404 && subject.answerer == Answerer::Reuse {
         let why = refusal(&broker).await;
@@ -350,7 +467,7 @@ async fn measure(
     }
     anyhow::ensure!(
         status == 200,
-        "{} answers status {status} to a call of {METHOD}",
+        "{} answers status {status} to a call of {method}",
         process.name()
     );
     let latency = load
@@ -367,6 +484,7 @@ async fn measure(
     process.check_running()?;
     let rss = process.rss()?;
     process.stop()?;
+    load.set_method(METHOD);
     Ok(Attempt::Measured(Round {
         latency,
         throughput,
@@ -546,6 +664,15 @@ fn report(options: &Options, results: &[(Subject, Outcome)], busy: f64) {
             None,
         );
         print_ratio("RSS", this.rss as f64 / floor.rss as f64, None);
+        if let Some(target) = lang_target(subject.answerer) {
+            let verdict = if this.p50 <= target { "met" } else { "MISSED" };
+            println!(
+                "    {:<24} {:>9}   target <= {} (issue 14)   {verdict}",
+                "p50, 1 in flight",
+                us(this.p50),
+                us(target)
+            );
+        }
     }
     if results.iter().any(|(subject, outcome)| {
         subject.answerer == Answerer::Reuse && matches!(outcome, Outcome::Unavailable(_))

@@ -223,6 +223,11 @@ impl Generator {
         })
     }
 
+    /// Calls `method` from now on.
+    pub fn set_method(&mut self, method: &str) {
+        method.clone_into(&mut self.method);
+    }
+
     /// Sends one call (QoS 0, as callers send requests).
     fn send(&mut self) -> anyhow::Result<()> {
         self.next_id += 1;
