@@ -47,6 +47,12 @@ impl Load {
     }
 }
 
+/// The generators' MQTT keep-alive. A generator's event loop runs only while it makes
+/// calls, and one stays connected through a whole run while other subjects are
+/// measured (with `e2e --lang`, minutes): with a keep-alive of seconds the broker would
+/// drop it for not pinging in the meantime.
+const KEEP_ALIVE: Duration = Duration::from_secs(3600);
+
 /// One MQTT client calling one method of one device.
 pub struct Generator {
     client: AsyncClient,
@@ -198,7 +204,7 @@ impl Generator {
             &format!("edge-bench-load-{}", std::process::id()),
             broker,
             &edge_proto::transport::Security::default(),
-            Duration::from_secs(30),
+            KEEP_ALIVE,
         )?;
         let (client, mut eventloop) =
             edge_proto::client::start(options, QUEUE, edge_proto::client::CONNECT_TIMEOUT);
