@@ -102,7 +102,7 @@ async fn a_flood_while_answers_cannot_drain_is_refused_past_the_intake_bound() {
     testkit::eventually(
         &format!("requests past the intake bound are refused with 503 ({pending_bound})"),
         Duration::from_secs(30),
-        || std::future::ready((!logs.lines_with(&pending_bound).is_empty()).then_some(())),
+        async || (!logs.lines_with(&pending_bound).is_empty()).then_some(()),
     )
     .await;
     assert!(!host.is_finished(), "the host goes on serving");

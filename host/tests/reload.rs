@@ -71,12 +71,8 @@ async fn version(caller: &Caller) -> String {
 }
 
 /// Calls until `check` holds for an answer, or panics after [`SETTLE`].
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    testkit::eventually(what, SETTLE, || {
-        let holds = check();
-        async move { holds.await.then_some(()) }
-    })
-    .await;
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    testkit::eventually(what, SETTLE, async || check().await.then_some(())).await;
 }
 
 /// Puts `package`'s component at `to` the way deployment tools do: written under a
@@ -129,9 +125,8 @@ async fn an_atomic_rename_under_load_swaps_versions_without_a_failed_call() {
     let answers_after = |more: usize| {
         let from = answered.load(Ordering::Relaxed);
         let answered = Arc::clone(&answered);
-        testkit::eventually("the load goes on", SETTLE, move || {
-            let now = answered.load(Ordering::Relaxed);
-            std::future::ready((now >= from + more).then_some(()))
+        testkit::eventually("the load goes on", SETTLE, async move || {
+            (answered.load(Ordering::Relaxed) >= from + more).then_some(())
         })
     };
     // The load is under way before the swap...
