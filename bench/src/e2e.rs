@@ -79,14 +79,13 @@ enum Answerer {
 }
 
 impl Answerer {
-    /// The guest an edge-host subject serves, whether it is one of testkit's Python
-    /// or JavaScript guests, and the method it echoes with.
-    fn guest(self) -> Option<(&'static str, bool, &'static str)> {
+    /// For the Python and JavaScript rows: testkit's guest they serve
+    /// ([`testkit::lang::guest`]) and its echo method.
+    fn lang_guest(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Self::Floor => None,
-            Self::Fresh | Self::Reuse => Some(("echo", false, METHOD)),
-            Self::Python => Some(("py-misbehave", true, "pyEcho")),
-            Self::JavaScript => Some(("js-misbehave", true, "jsEcho")),
+            Self::Python => Some(("py-misbehave", "pyEcho")),
+            Self::JavaScript => Some(("js-misbehave", "jsEcho")),
+            Self::Floor | Self::Fresh | Self::Reuse => None,
         }
     }
 }
@@ -321,7 +320,7 @@ fn warm_lang_cache() -> anyhow::Result<tempfile::TempDir> {
         baseline: false,
     })?;
     for subject in LANG_SUBJECTS {
-        let Some((name, _, _)) = subject.answerer.guest() else {
+        let Some((name, _)) = subject.answerer.lang_guest() else {
             continue;
         };
         let wasm = std::fs::read(testkit::lang::guest(name)?)?;
@@ -416,13 +415,13 @@ async fn measure(
     let handlers = tempfile::tempdir().context("creating a handlers folder")?;
     let own_cache = tempfile::tempdir().context("creating a cache folder")?;
     let mut cache = own_cache.path();
-    let method = match subject.answerer.guest() {
-        None => METHOD,
-        Some((_, false, method)) => {
+    let method = match (subject.answerer, subject.answerer.lang_guest()) {
+        (Answerer::Floor, _) => METHOD,
+        (_, None) => {
             deploy_echo(handlers.path(), subject.answerer == Answerer::Reuse)?;
-            method
+            METHOD
         }
-        Some((name, true, method)) => {
+        (_, Some((name, method))) => {
             let wasm = handlers.path().join(format!("{name}.wasm"));
             std::fs::copy(testkit::lang::guest(name)?, &wasm)
                 .with_context(|| format!("copying {name} to {}", wasm.display()))?;
