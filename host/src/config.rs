@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,6 +58,11 @@ pub struct Config {
     /// by wasmtime's baseline compiler (Winch), until the optimised build (Cranelift),
     /// compiled in the background, replaces it.
     pub baseline_compiler: bool,
+    /// The threads that run the session and the calls. One (the default) runs them on
+    /// one event loop, as Mosquitto runs its clients: a request is read, run and
+    /// answered without waking another thread, which is what a call of microseconds
+    /// costs most. More run calls in parallel, for handlers that compute for long.
+    pub threads: NonZeroUsize,
     /// Limits that hold for every call.
     pub limits: Limits,
     /// Settings of handlers whose sidecar does not set them.
@@ -82,6 +88,7 @@ impl Default for Config {
             cache_dir: None,
             cache: true,
             baseline_compiler: true,
+            threads: NonZeroUsize::MIN,
             limits: Limits::default(),
             handler_defaults: HandlerSettings::default(),
         }
@@ -430,6 +437,16 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge-host.example.toml");
         let config = Config::from_file(&path).expect("example config is valid");
         assert_eq!(config.device_id, "my-device");
+        assert_eq!(config.threads.get(), 1);
+    }
+
+    #[test]
+    fn threads_default_to_one_event_loop_and_zero_is_refused() {
+        assert_eq!(Config::default().threads.get(), 1);
+        let four = toml::from_str::<Config>("threads = 4").expect("four threads");
+        assert_eq!(four.threads.get(), 4);
+        let err = toml::from_str::<Config>("threads = 0").expect_err("zero threads");
+        assert!(err.to_string().contains("nonzero"), "{err}");
     }
 
     #[test]

@@ -151,12 +151,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             security,
         },
     };
+    let threads = config.threads;
     match &link {
         Link::Broker { broker, .. } => {
-            tracing::info!(%device_id, %broker, "serving direct methods");
+            tracing::info!(%device_id, %broker, threads, "serving direct methods");
         }
         Link::IotHub(endpoint) => tracing::info!(
             %device_id,
+            threads,
             hub = %endpoint.connection.connect_host(),
             port = endpoint.port(),
             transport = %endpoint.transport,

@@ -134,6 +134,12 @@ struct Args {
     #[arg(long)]
     no_baseline_compiler: bool,
 
+    /// Threads that run the session and the calls [default: 1]. One event loop answers
+    /// short calls with the least CPU; more run calls in parallel, for handlers that
+    /// compute for long. Compiling runs on threads of its own either way.
+    #[arg(long, env = "EDGE_HOST_THREADS", value_name = "N")]
+    threads: Option<std::num::NonZeroUsize>,
+
     /// A TOML config file (see edge-host.example.toml); flags override it.
     #[arg(long, env = "EDGE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -181,6 +187,9 @@ impl Args {
         if self.no_baseline_compiler {
             config.baseline_compiler = false;
         }
+        if let Some(threads) = self.threads {
+            config.threads = threads;
+        }
         if let Some(namespace) = self.namespace {
             config.namespace = namespace;
         }
@@ -220,10 +229,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = args.into_config().and_then(|config| {
-        // The host runs as a task on a worker thread, not on the main thread that
-        // block_on polls: that one is woken through the worker that took the socket
-        // event, an extra thread hop on every call.
-        tokio::runtime::Runtime::new()?.block_on(async {
+        runtime(config.threads)?.block_on(async {
+            // On a pool, the host runs as a task on a worker thread, not on the main
+            // thread that block_on polls: that one would be woken through the worker
+            // that took the socket event, an extra thread hop on every call.
             tokio::spawn(edge_host::run(config, shutdown_signal()))
                 .await
                 .map_err(|e| anyhow::anyhow!("the host task failed: {e}"))?
@@ -237,6 +246,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime the session and the calls run on: one event loop on the main thread, or
+/// a pool of `threads` workers.
+fn runtime(threads: std::num::NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads.get() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads.get());
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is

@@ -484,8 +484,8 @@ fn new_store(
 
 /// At every epoch tick while wasm runs: trap once the call's deadline has passed,
 /// else let the executor run other tasks (and the deadline's timer fire) before going
-/// on. A handler that computes for long thus never holds a worker thread for more
-/// than a tick.
+/// on. A handler that computes for long thus never holds the event loop (or a worker
+/// of the pool, with `--threads`) for more than a tick.
 fn at_epoch_tick(store: StoreContextMut<'_, CallState>) -> wasmtime::Result<UpdateDeadline> {
     Ok(if Instant::now() >= store.data().deadline {
         UpdateDeadline::Interrupt

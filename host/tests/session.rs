@@ -319,3 +319,43 @@ async fn sigterm_with_calls_stuck_in_host_calls_exits_within_the_grace_without_p
         "no panic on the way out: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_zero_is_refused_and_a_pool_of_workers_serves_as_one_event_loop_does() {
+    testkit::init_logging();
+    let broker = Mosquitto::start().expect("mosquitto starts");
+    let handlers = HandlerDir::with(&["misbehave"]).expect("handlers");
+
+    let refused = host_command("pool-device", &handlers, &broker)
+        .args(["--threads", "0"])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("edge-host runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(stderr.contains("--threads"), "names the flag: {stderr}");
+
+    let _host =
+        ChildGuard::spawn(host_command("pool-device", &handlers, &broker).args(["--threads", "2"]))
+            .expect("edge-host starts");
+    presence(&broker.url(), "pool-device", true, Duration::from_secs(30))
+        .await
+        .expect("online");
+    let caller = Caller::connect(ConnectOptions::new(broker.url()))
+        .await
+        .expect("caller");
+    let mut calls = tokio::task::JoinSet::new();
+    for status in 200..208_u16 {
+        let caller = caller.clone();
+        calls.spawn(async move {
+            let request =
+                CallRequest::new("pool-device", "status", format!(r#"{{"status":{status}}}"#));
+            (status, caller.call(&request).await)
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        let (status, outcome) = joined.expect("join");
+        let response = outcome.expect("answered");
+        assert_eq!(response.status, status, "{response:?}");
+    }
+}
