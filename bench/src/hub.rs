@@ -30,7 +30,7 @@ use testkit::Mosquitto;
 
 use crate::e2e::{Target, deploy_echo, loopback_port, print_ratio, ready};
 use crate::load::{Errors, Generator, LatencyRun, Load, ThroughputRun};
-use crate::process::{self, DEVICE, Process};
+use crate::process::{self, Backend, DEVICE, Process};
 use crate::stats::{Samples, median, us};
 
 /// The method called: the `echo` handler's, which the responder answers as well.
@@ -58,6 +58,11 @@ pub struct Options {
     /// instance per call.
     #[arg(long)]
     reuse: bool,
+    /// Run the hub on its default path, its own embedded broker (no `--broker`), and
+    /// connect edge-host, the Caller and the load generator to that, instead of
+    /// running the hub, and all of them, on Mosquitto.
+    #[arg(long)]
+    embedded: bool,
 }
 
 /// One row of the table.
@@ -125,7 +130,8 @@ impl Figures {
 /// What the run keeps up for all its rounds: the broker, the hub, the credentials and
 /// the clients on the broker.
 struct Setup {
-    _mosquitto: Mosquitto,
+    /// The run's Mosquitto, unless the hub's embedded broker serves the run.
+    _mosquitto: Option<Mosquitto>,
     broker: BrokerUrl,
     /// The hub's data folder (registry, CA).
     data: tempfile::TempDir,
@@ -146,8 +152,6 @@ struct Setup {
 impl Setup {
     async fn start(options: &Options) -> anyhow::Result<Self> {
         let payload = options.load.payload_bytes();
-        let mosquitto = Mosquitto::start()?;
-        let broker = mosquitto.url();
         let data = tempfile::tempdir().context("creating the hub's data folder")?;
         let registry = edge_hub::Registry::open(data.path())?;
         let device_key = registry
@@ -159,7 +163,16 @@ impl Setup {
             .context("the registry has no service policy")?
             .primary_key;
         let (mqtts, https) = (loopback_port()?, loopback_port()?);
-        let mut hub = Process::hub(&broker, data.path(), mqtts, https)?;
+        let (mosquitto, broker, mut hub) = if options.embedded {
+            let listen = loopback_port()?;
+            let hub = Process::hub(Backend::Embedded(listen), data.path(), mqtts, https)?;
+            (None, BrokerUrl::tcp("127.0.0.1", listen.port()), hub)
+        } else {
+            let mosquitto = Mosquitto::start()?;
+            let broker = mosquitto.url();
+            let hub = Process::hub(Backend::Broker(&broker), data.path(), mqtts, https)?;
+            (Some(mosquitto), broker, hub)
+        };
         wait_listening(https, &mut hub).await?;
         let expiry = unix_now() + TOKEN_LIFETIME;
         let service_token = sign(
@@ -523,8 +536,12 @@ async fn throughput_of<C: Client>(
 /// Prints the figures side by side, then each hub row's ratios to its direct path.
 fn report(options: &Options, figures: &[(Row, Figures)], busy: f64) {
     println!(
-        "edge-hub beside the direct paths, through Mosquitto (set_tcp_nodelay true), method echo \
-         ({}), {} B payload, {} rounds",
+        "edge-hub beside the direct paths, through {}, method echo ({}), {} B payload, {} rounds",
+        if options.embedded {
+            "the hub's embedded broker"
+        } else {
+            "Mosquitto (set_tcp_nodelay true)"
+        },
         if options.reuse {
             "instance reuse"
         } else {

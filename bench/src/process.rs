@@ -128,13 +128,13 @@ impl Process {
         Self::this_binary("embedded-broker", &["--listen", &listen.to_string()])
     }
 
-    /// Starts the release edge-hub on the registry in `data_dir`, relaying to `broker`,
-    /// devices on `mqtts`, the service API on `https`, logging warnings only.
+    /// Starts the release edge-hub on the registry in `data_dir`, relaying to
+    /// `backend`, devices on `mqtts`, the service API on `https`, logging warnings only.
     ///
     /// # Errors
     /// When the edge-hub binary is not built or cannot be started.
     pub fn hub(
-        broker: &BrokerUrl,
+        backend: Backend<'_>,
         data_dir: &Path,
         mqtts: SocketAddr,
         https: SocketAddr,
@@ -143,7 +143,12 @@ impl Process {
         command
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--hostname", "localhost", "--broker", &broker.to_string()])
+            .args(["--hostname", "localhost"]);
+        match backend {
+            Backend::Broker(broker) => command.args(["--broker", &broker.to_string()]),
+            Backend::Embedded(listen) => command.args(["--listen", &listen.to_string()]),
+        };
+        command
             .args(["--mqtts-listen", &mqtts.to_string()])
             .args(["--https-listen", &https.to_string()]);
         Self::spawn(command, "edge-hub")
@@ -345,6 +350,15 @@ fn cpu_counters() -> anyhow::Result<(u64, u64)> {
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
     Ok((total.saturating_sub(idle), total))
+}
+
+/// What edge-hub relays to.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend<'a> {
+    /// An MQTT broker of the run's.
+    Broker(&'a BrokerUrl),
+    /// Its own embedded broker, listening on this address (its default path).
+    Embedded(SocketAddr),
 }
 
 /// Measures how busy the machine is for a second and warns on stderr when other work
