@@ -4,7 +4,11 @@
 //! - **Service side**: a method call on an edge-host (the `echo` handler) through the
 //!   hub's REST API (`POST /twins/{id}/methods`, HTTPS with keep-alive, one connection
 //!   per call in flight), beside the same call by edge-invoker's `Caller` straight on
-//!   the broker, the path the hub itself takes behind its REST API.
+//!   the broker, the path the hub itself takes behind its REST API. Each row's caller
+//!   is the only client subscribed to the edge-host's answers while it runs (a fresh
+//!   device per round, the direct Caller gone before the REST row): a caller of a
+//!   device receives every answer the device sends, and a second caller's copies would
+//!   weigh on the row measured.
 //! - **Device side**: the raw responder of [`crate::floor`] connected through the hub
 //!   (MQTT over TLS, a SAS token, bare `$iothub/...` topics: `edge-bench hub-device`),
 //!   beside the same responder connected to the broker, both called by the load
@@ -142,8 +146,6 @@ struct Setup {
     service_token: String,
     /// [`DEVICE`]'s token, for the responder through the hub.
     device_token: String,
-    /// edge-invoker's Caller on the broker.
-    caller: Caller,
     /// The load generator on the broker, for the device rows.
     load: Generator,
     payload: Vec<u8>,
@@ -187,9 +189,6 @@ impl Setup {
             expiry,
             None,
         )?;
-        let caller = Caller::connect(ConnectOptions::new(broker.clone()))
-            .await
-            .context("connecting edge-invoker's Caller")?;
         let load = Generator::connect(&broker, DEVICE, METHOD, payload.clone()).await?;
         Ok(Self {
             _mosquitto: mosquitto,
@@ -200,7 +199,6 @@ impl Setup {
             https,
             service_token,
             device_token,
-            caller,
             load,
             payload,
         })
@@ -243,7 +241,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut setup = Setup::start(&options).await?;
     let mut figures: Vec<(Row, Figures)> = ROWS.map(|row| (row, Figures::default())).into();
     for round in 1..=options.rounds {
-        let measured = measure_round(&mut setup, &options).await?;
+        let measured = measure_round(&mut setup, &options, round).await?;
         for ((row, figures), (latency, throughput)) in figures.iter_mut().zip(measured) {
             let p50 = Samples::new(latency.latencies.clone()).percentile(50.0);
             eprintln!(
@@ -258,7 +256,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     setup.hub.check_running()?;
     report(&options, &figures, busy);
-    setup.caller.disconnect().await;
     setup.hub.stop()?;
     Ok(())
 }
@@ -267,34 +264,51 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 async fn measure_round(
     setup: &mut Setup,
     options: &Options,
+    round: usize,
 ) -> anyhow::Result<Vec<(LatencyRun, ThroughputRun)>> {
     let window = Duration::from_secs(options.load.seconds);
     let mut rounds = Vec::with_capacity(ROWS.len());
 
-    // The service side: one edge-host, called directly, then through the hub.
+    // The service side: one edge-host, called directly, then through the hub. Every
+    // client subscribed to a device's answers receives all of them (the topics carry
+    // no caller), so each row's caller must be the only one: the edge-host serves a
+    // device of this round's own, which the hub's Caller has not called before, and the
+    // direct Caller leaves before the REST row.
+    let device = format!("{DEVICE}-service-{round}");
     let handlers = tempfile::tempdir().context("creating a handlers folder")?;
     let cache = tempfile::tempdir().context("creating a cache folder")?;
     deploy_echo(handlers.path(), options.reuse)?;
-    let mut host = Process::host(&setup.broker, handlers.path(), cache.path())?;
-    let status = ready(&mut setup.load, &mut host).await?;
-    anyhow::ensure!(status == 200, "edge-host answers {METHOD} with {status}");
+    let mut host = Process::host_as(&device, &setup.broker, handlers.path(), cache.path())?;
+    let caller = Caller::connect(ConnectOptions::new(setup.broker.clone()))
+        .await
+        .context("connecting edge-invoker's Caller")?;
     let request = CallRequest::new(
-        DEVICE,
+        device.clone(),
         METHOD,
         String::from_utf8(setup.payload.clone()).context("the payload is not UTF-8")?,
     );
     let direct = || Direct {
-        caller: setup.caller.clone(),
+        caller: caller.clone(),
         request: request.clone(),
     };
+    caller_ready(&mut direct(), &mut host).await?;
     let latency = latency_of(&mut direct(), options.load.warmup, options.load.calls).await;
     let callers = (0..options.load.in_flight).map(|_| direct()).collect();
     let hub = &setup.hub;
     let throughput = throughput_of(callers, window, || hub.cpu_time()).await?;
     rounds.push((latency, throughput));
+    caller.disconnect().await;
 
     let tls = crate::floor::client_tls(&setup.ca())?;
-    let connect = || Rest::connect(setup.https, &tls, &setup.service_token, &setup.payload);
+    let connect = || {
+        Rest::connect(
+            setup.https,
+            &tls,
+            &setup.service_token,
+            &device,
+            &setup.payload,
+        )
+    };
     let latency = latency_of(
         &mut connect().await?,
         options.load.warmup,
@@ -373,6 +387,8 @@ struct Rest {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authorization: String,
     host: String,
+    /// `/twins/{device}/methods?api-version=...`.
+    path: String,
     /// The request body: `{"methodName","payload","responseTimeoutInSeconds"}`.
     body: Bytes,
     /// The payload the answer must carry.
@@ -384,6 +400,7 @@ impl Rest {
         addr: SocketAddr,
         tls: &Arc<rustls::ClientConfig>,
         authorization: &str,
+        device: &str,
         payload: &[u8],
     ) -> anyhow::Result<Self> {
         let tcp = tokio::net::TcpStream::connect(addr)
@@ -408,6 +425,7 @@ impl Rest {
             send,
             authorization: authorization.to_owned(),
             host: format!("localhost:{}", addr.port()),
+            path: format!("/twins/{device}/methods?api-version=2021-04-12"),
             body: Bytes::from(body.to_string()),
             payload,
         })
@@ -416,12 +434,11 @@ impl Rest {
 
 impl Client for Rest {
     async fn call(&mut self) -> Reply {
-        let request =
-            hyper::Request::post(format!("/twins/{DEVICE}/methods?api-version=2021-04-12"))
-                .header("host", &self.host)
-                .header("authorization", &self.authorization)
-                .header("content-type", "application/json")
-                .body(Full::new(self.body.clone()));
+        let request = hyper::Request::post(&self.path)
+            .header("host", &self.host)
+            .header("authorization", &self.authorization)
+            .header("content-type", "application/json")
+            .body(Full::new(self.body.clone()));
         let request = match request {
             Ok(request) => request,
             Err(error) => return Reply::Failed(error.to_string()),
@@ -454,6 +471,29 @@ impl Client for Rest {
             },
             Err(error) => Reply::Failed(format!("the answer is not JSON: {error}")),
         }
+    }
+}
+
+/// Calls through `client` until `process` answers 200.
+async fn caller_ready(client: &mut Direct, process: &mut Process) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        process.check_running()?;
+        let reply = tokio::time::timeout(Duration::from_millis(250), client.call()).await;
+        if let Ok(Reply::Answered { status, .. }) = reply {
+            anyhow::ensure!(
+                status == 200,
+                "{} answers {METHOD} with {status}",
+                process.name()
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < READY_TIMEOUT,
+            "{} did not answer a call within {READY_TIMEOUT:?}",
+            process.name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -36,6 +36,26 @@ impl Process {
     /// When the edge-host binary is not built or cannot be started.
     pub fn host(broker: &BrokerUrl, handlers: &Path, cache_dir: &Path) -> anyhow::Result<Self> {
         Self::host_with(
+            DEVICE,
+            ["--broker".to_owned(), broker.to_string()],
+            handlers,
+            cache_dir,
+            &[],
+        )
+    }
+
+    /// Starts the release edge-host as [`Process::host`] does, serving as `device`.
+    ///
+    /// # Errors
+    /// When the edge-host binary is not built or cannot be started.
+    pub fn host_as(
+        device: &str,
+        broker: &BrokerUrl,
+        handlers: &Path,
+        cache_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::host_with(
+            device,
             ["--broker".to_owned(), broker.to_string()],
             handlers,
             cache_dir,
@@ -54,6 +74,7 @@ impl Process {
         flags: &[&str],
     ) -> anyhow::Result<Self> {
         Self::host_with(
+            DEVICE,
             ["--broker".to_owned(), broker.to_string()],
             handlers,
             cache_dir,
@@ -72,6 +93,7 @@ impl Process {
         cache_dir: &Path,
     ) -> anyhow::Result<Self> {
         Self::host_with(
+            DEVICE,
             ["--listen".to_owned(), listen.to_string()],
             handlers,
             cache_dir,
@@ -80,6 +102,7 @@ impl Process {
     }
 
     fn host_with(
+        device: &str,
         broker_args: [String; 2],
         handlers: &Path,
         cache_dir: &Path,
@@ -88,7 +111,7 @@ impl Process {
         let mut command = Command::new(host_binary()?);
         command
             .args(broker_args)
-            .args(["--device-id", DEVICE, "--handlers"])
+            .args(["--device-id", device, "--handlers"])
             .arg(handlers)
             .arg("--cache-dir")
             .arg(cache_dir)
