@@ -143,6 +143,7 @@ impl Loader {
         to_optimise: &mut Vec<Job>,
     ) -> Option<Change> {
         let sidecar_path = path.with_extension("toml");
+        let started = Instant::now();
         let sources = match read_sources(path, &sidecar_path) {
             Ok(sources) => sources,
             // Gone between listing and reading: the event of its removal follows.
@@ -160,6 +161,10 @@ impl Loader {
             wasm: digest(&sources.wasm),
             sidecar: sources.sidecar.as_deref().map(digest),
         };
+        tracing::debug!(
+            handler = %file, bytes = sources.wasm.len(),
+            read_ms = started.elapsed().as_millis(), "handler read and digested"
+        );
         // Unchanged: serving, failed, or waiting for a clash to clear (the registry
         // serves it then without a new load).
         if registry.fingerprint(file).as_ref() == Some(&fingerprint) {

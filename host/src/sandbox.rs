@@ -263,8 +263,16 @@ impl Sandbox {
         if let Err(error) = context.grants.check() {
             wasmtime::bail!("invalid grants: {error:#}");
         }
+        let started = Instant::now();
         let (compiler, component) = self.first_component(wasm, digest)?;
-        prepare(compiler, &component, Arc::new(context))
+        let built_ms = started.elapsed().as_millis();
+        let code = prepare(compiler, &component, Arc::new(context))?;
+        tracing::debug!(
+            %digest, code = %compiler.tier, built_ms,
+            prepare_ms = started.elapsed().as_millis() - built_ms,
+            "handler code built (compiled, or taken from the cache) and prepared"
+        );
+        Ok(code)
     }
 
     /// The optimised build of a version that serves from `baseline` code (see
@@ -299,8 +307,13 @@ fn prepare(
     };
     let pre = DeviceHandlerPre::new(pre)
         .context("the component does not implement the edge:methods handler world")?;
+    let listing = Instant::now();
     let methods = list_methods(&compiler.engine, &pre, &context)
         .context("listing the handler's methods failed")?;
+    tracing::debug!(
+        file = %context.file, methods_ms = listing.elapsed().as_millis(),
+        "methods listed (an instance made and asked)"
+    );
     check_methods(&methods)?;
     Ok(HandlerCode {
         tier: compiler.tier,

@@ -168,6 +168,12 @@ impl Watching {
             Signal::Folder => *moved = true,
             Signal::Files(Ok(events)) => {
                 for event in &events {
+                    // Opening and reading change nothing, and every sync opens and
+                    // reads each handler file: heeded, they would start the next
+                    // sync, and that one the next, for as long as the host runs.
+                    if matches!(event.kind, EventKind::Access(_)) {
+                        continue;
+                    }
                     if event.paths.iter().any(|path| is_handler_source(path)) {
                         *relevant = true;
                     }

@@ -696,3 +696,41 @@ async fn a_catalog_with_huge_texts_is_cut_to_fit_and_the_device_stays_online() {
     assert_eq!(call(&s.caller, "named", "9").await, (200, json!(9)));
     s.host.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_host_does_not_read_its_handler_files_again_and_again() {
+    use notify_debouncer_full::notify::{self, EventKind, RecursiveMode, Watcher as _};
+    let setup = setup(&["echo"]).await;
+    // A reload (the start's load happens before the watch begins): swapped and
+    // serving, so whatever reading the swap did is over.
+    deploy_atomically(Ok("version-b"), &setup.handlers.path().join("version.wasm"));
+    until("version b serves", async || {
+        version(&setup.caller).await == "b"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&opened);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && matches!(event.kind, EventKind::Access(_))
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .expect("a watcher");
+    watcher
+        .watch(setup.handlers.path(), RecursiveMode::NonRecursive)
+        .expect("watching the handlers folder");
+    // Nothing changes in the folder meanwhile: a host that reads its files now reads
+    // them because its own last read looked like a change (each sync opens every
+    // handler file and digests it: 18 MB for a Python handler).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        opened.load(Ordering::Relaxed),
+        0,
+        "the host opened or read its handler files while nothing changed"
+    );
+    setup.host.stop().await.expect("stops");
+}
