@@ -60,11 +60,12 @@ impl Dispatcher {
         let outcome = self.run(method, request_id, caller_timeout, payload).await;
         let answered = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
         let elapsed_us = started.elapsed().as_micros();
-        let shown = String::from_utf8_lossy(&payload[..payload.len().min(256)]);
+        // In the macros' fields: evaluated only when the line is logged.
+        let shown = || String::from_utf8_lossy(&payload[..payload.len().min(256)]);
         match outcome {
             Ok((answer, version, guard)) => {
                 tracing::info!(
-                    method, rid = request_id, payload = %shown, status = answer.status,
+                    method, rid = request_id, payload = %shown(), status = answer.status,
                     handler = %version.label(), code = %version.code.tier(), elapsed_us,
                     calls_confirmed = answered, "method called"
                 );
@@ -72,7 +73,7 @@ impl Dispatcher {
             }
             Err(error) => {
                 tracing::warn!(
-                    method, rid = request_id, payload = %shown, status = error.status(),
+                    method, rid = request_id, payload = %shown(), status = error.status(),
                     elapsed_us, calls_confirmed = answered, %error,
                     "method failed"
                 );
