@@ -81,11 +81,43 @@ const SUBJECTS: &[Subject] = &[
         config: &[("greeting", "Hello")],
     },
     Subject {
+        name: "py echo, 1 KiB (pyEcho)",
+        guest: "py-misbehave",
+        rust: false,
+        method: "pyEcho",
+        payload: kib_string,
+        config: &[],
+    },
+    Subject {
+        name: "py echo, 16 B (pyEcho)",
+        guest: "py-misbehave",
+        rust: false,
+        method: "pyEcho",
+        payload: sixteen_bytes,
+        config: &[],
+    },
+    Subject {
         name: "js-count (jsCount: a global += 1)",
         guest: "js-misbehave",
         rust: false,
         method: "jsCount",
         payload: null,
+        config: &[],
+    },
+    Subject {
+        name: "js echo, 1 KiB (jsEcho)",
+        guest: "js-misbehave",
+        rust: false,
+        method: "jsEcho",
+        payload: kib_string,
+        config: &[],
+    },
+    Subject {
+        name: "js echo, 16 B (jsEcho)",
+        guest: "js-misbehave",
+        rust: false,
+        method: "jsEcho",
+        payload: sixteen_bytes,
         config: &[],
     },
     Subject {
@@ -100,6 +132,11 @@ const SUBJECTS: &[Subject] = &[
 
 fn kib_string() -> String {
     format!("\"{}\"", "x".repeat(1022))
+}
+
+/// A JSON string of 16 bytes, quotes included.
+fn sixteen_bytes() -> String {
+    format!("\"{}\"", "x".repeat(14))
 }
 
 fn null() -> String {
