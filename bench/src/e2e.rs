@@ -310,7 +310,6 @@ fn warm_lang_cache() -> anyhow::Result<tempfile::TempDir> {
     use edge_host::call::HandlerContext;
     use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
     use edge_host::sandbox::{Sandbox, SandboxConfig};
-    use sha2::{Digest as _, Sha256};
     let cache = tempfile::tempdir().context("creating a cache folder")?;
     let sandbox = Sandbox::new(&SandboxConfig {
         max_instances: 80,
@@ -324,7 +323,7 @@ fn warm_lang_cache() -> anyhow::Result<tempfile::TempDir> {
             continue;
         };
         let wasm = std::fs::read(testkit::lang::guest(name)?)?;
-        let digest = format!("sha256:{:x}", Sha256::digest(&wasm));
+        let digest = edge_host::loader::digest(&wasm);
         eprintln!("compiling {name} into the compiled-code cache (Cranelift)");
         let context = HandlerContext {
             file: format!("{name}.wasm"),
@@ -537,17 +536,12 @@ pub fn deploy_echo(handlers: &Path, reuse: bool) -> anyhow::Result<()> {
 
 /// Calls until the first answer comes, and returns its status.
 pub async fn ready(load: &mut Generator, process: &mut Process) -> anyhow::Result<u16> {
-    let started = std::time::Instant::now();
-    while started.elapsed() < READY_TIMEOUT {
-        process.check_running()?;
-        if let Some(answer) = load.call_once(Duration::from_millis(250)).await? {
-            return Ok(answer.status);
-        }
-    }
-    anyhow::bail!(
-        "{} did not answer a call within {READY_TIMEOUT:?}",
-        process.name()
-    )
+    process
+        .wait_for("answer a call", READY_TIMEOUT, async || {
+            let answer = load.call_once(Duration::from_millis(250)).await?;
+            Ok(answer.map(|answer| answer.status))
+        })
+        .await
 }
 
 /// Why the host does not serve echo with `reuse = true`, from its catalog's failures.

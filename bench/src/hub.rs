@@ -211,19 +211,11 @@ impl Setup {
 
 /// Waits until `process` accepts TCP connections on `addr`.
 async fn wait_listening(addr: SocketAddr, process: &mut Process) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        process.check_running()?;
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < READY_TIMEOUT,
-            "{} did not listen on {addr} within {READY_TIMEOUT:?}",
-            process.name()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    process
+        .wait_for(&format!("listen on {addr}"), READY_TIMEOUT, async || {
+            Ok(tokio::net::TcpStream::connect(addr).await.ok().map(drop))
+        })
+        .await
 }
 
 /// Runs the benchmark and prints its table.
@@ -476,25 +468,21 @@ impl Client for Rest {
 
 /// Calls through `client` until `process` answers 200.
 async fn caller_ready(client: &mut Direct, process: &mut Process) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        process.check_running()?;
-        let reply = tokio::time::timeout(Duration::from_millis(250), client.call()).await;
-        if let Ok(Reply::Answered { status, .. }) = reply {
-            anyhow::ensure!(
-                status == 200,
-                "{} answers {METHOD} with {status}",
-                process.name()
-            );
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < READY_TIMEOUT,
-            "{} did not answer a call within {READY_TIMEOUT:?}",
-            process.name()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = process
+        .wait_for("answer a call", READY_TIMEOUT, async || {
+            let reply = tokio::time::timeout(Duration::from_millis(250), client.call()).await;
+            Ok(match reply {
+                Ok(Reply::Answered { status, .. }) => Some(status),
+                _ => None,
+            })
+        })
+        .await?;
+    anyhow::ensure!(
+        status == 200,
+        "{} answers {METHOD} with {status}",
+        process.name()
+    );
+    Ok(())
 }
 
 /// Counts `reply` in `errors`, saying why the first few calls failed.

@@ -268,6 +268,33 @@ impl Process {
         }
     }
 
+    /// Tries `check` until it gives a value, checking between tries that this process
+    /// still runs, for at most `timeout`; `what` names the wait for the error, as in
+    /// "edge-host did not {what} within 60s".
+    ///
+    /// # Errors
+    /// When the process exits, `check` fails, or `timeout` passes first.
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let started = Instant::now();
+        loop {
+            self.check_running()?;
+            if let Some(value) = check().await? {
+                return Ok(value);
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "{} did not {what} within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits until it exits (killing it after [`STOP_GRACE`]).
     ///
     /// # Errors
