@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use edge_host::call::HandlerContext;
 use edge_host::config::{DEFAULT_MAX_MEMORY, Grants};
 use edge_host::sandbox::{HandlerCode, Request, Sandbox, SandboxConfig};
-use sha2::{Digest as _, Sha256};
 
 use crate::stats::{Samples, us};
 
@@ -195,7 +194,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             time_left_ms: 30_000,
         };
         // The digest keys the compiled-code cache, when one is given.
-        let digest = format!("sha256:{:x}", Sha256::digest(&wasm));
+        let digest = edge_host::loader::digest(&wasm);
         let started = Instant::now();
         let fresh_code = Arc::new(sandbox.load(&wasm, &digest, context(subject, None))?);
         let load = started.elapsed();

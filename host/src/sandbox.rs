@@ -270,7 +270,8 @@ impl Sandbox {
         tracing::debug!(
             %digest, code = %compiler.tier, built_ms,
             prepare_ms = started.elapsed().as_millis() - built_ms,
-            "handler code built (compiled, or taken from the cache) and prepared"
+            "handler code built (compiled, or taken from the cache) and prepared \
+             (pre-instantiated, its methods listed)"
         );
         Ok(code)
     }
@@ -307,13 +308,8 @@ fn prepare(
     };
     let pre = DeviceHandlerPre::new(pre)
         .context("the component does not implement the edge:methods handler world")?;
-    let listing = Instant::now();
     let methods = list_methods(&compiler.engine, &pre, &context)
         .context("listing the handler's methods failed")?;
-    tracing::debug!(
-        file = %context.file, methods_ms = listing.elapsed().as_millis(),
-        "methods listed (an instance made and asked)"
-    );
     check_methods(&methods)?;
     Ok(HandlerCode {
         tier: compiler.tier,
