@@ -447,7 +447,15 @@ fn base_config() -> wasmtime::Config {
 /// reserve as much address space again for the whole life of the host.
 fn baseline_engine() -> wasmtime::Result<Engine> {
     let mut engine_config = base_config();
-    engine_config.strategy(Strategy::Winch);
+    // Winch compiles the functions, but Cranelift still compiles the trampolines of
+    // every escaping function and the component's adapters: thousands in CPython. The
+    // quickest Cranelift (no optimisation, the single-pass register allocator) took a
+    // large Python handler's baseline build from 2.3 s to 1.9 s; these few seconds
+    // of code run no slower for it that a call would notice.
+    engine_config
+        .strategy(Strategy::Winch)
+        .cranelift_opt_level(wasmtime::OptLevel::None)
+        .cranelift_regalloc_algorithm(wasmtime::RegallocAlgorithm::SinglePass);
     Engine::new(&engine_config).context("configuring wasmtime's baseline compiler (Winch)")
 }
 
