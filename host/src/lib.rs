@@ -56,8 +56,9 @@ use crate::optimiser::Optimiser;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxConfig};
 
-/// Instances the pool holds beyond the calls in flight: for loading handlers, and for
-/// the warm instances of handlers that opted in to reuse.
+/// Instances the pool holds beyond the calls in flight: for loading handlers, for
+/// the warm instances of handlers that opted in to reuse, and for the fresh instances
+/// made ahead of large handlers' calls.
 const SPARE_INSTANCES: u32 = 80;
 
 /// Requests the session holds per call that may run: the ones running, and those whose

@@ -11,7 +11,9 @@
 //! A call gets a fresh instance from the version's `DeviceHandlerPre`, a deadline, a
 //! linear-memory cap enforced by a resource limiter, and WASI with nothing granted: no
 //! files, network, environment, arguments or stdin. What the handler prints or logs is
-//! captured, capped and logged, tagged with the method and request.
+//! captured, capped and logged, tagged with the method and request. A large handler
+//! whose instances take long to make (a Python one: about a millisecond) gets them made
+//! ahead of its calls, on the preparers' threads, each still serving one call only.
 //!
 //! Calls run as futures (wasmtime's async support, WASI linked async), so a deadline
 //! holds wherever the handler spends its time: running wasm yields to the executor at
@@ -19,8 +21,8 @@
 //! host call (a WASI sleep or poll) is dropped at the deadline, its Store with it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -67,6 +69,24 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(2);
 /// the components of interpreted languages (12-18 MB, the interpreter inside) take
 /// seconds, and those are what the baseline build is for.
 pub const BASELINE_MIN_BYTES: usize = 1024 * 1024;
+
+/// Fresh instances of a large handler (see [`BASELINE_MIN_BYTES`]) kept instantiated
+/// ahead of its calls, per version; see [`HandlerCode::call`].
+const PREPARED_MAX: usize = 2;
+
+/// A large handler's instances are made ahead of its calls when its first
+/// [`PREPARE_SAMPLES`] calls took at least this long, on average, to instantiate.
+const PREPARE_MIN_US: u64 = 250;
+
+/// How many of a large handler's first calls decide whether to make its instances
+/// ahead.
+const PREPARE_SAMPLES: usize = 4;
+
+/// Threads instantiating large handlers ahead of their calls.
+const PREPARERS: usize = 2;
+
+/// How long a handler's start-up may take when it is instantiated ahead of a call.
+const PREPARE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Host-wide sandbox settings.
 #[derive(Debug, Clone)]
@@ -266,7 +286,8 @@ impl Sandbox {
         let started = Instant::now();
         let (compiler, component) = self.first_component(wasm, digest)?;
         let built_ms = started.elapsed().as_millis();
-        let code = prepare(compiler, &component, Arc::new(context))?;
+        let ahead = wasm.len() >= BASELINE_MIN_BYTES;
+        let code = prepare(compiler, &component, Arc::new(context), ahead)?;
         tracing::debug!(
             %digest, code = %compiler.tier, built_ms,
             prepare_ms = started.elapsed().as_millis() - built_ms,
@@ -291,16 +312,23 @@ impl Sandbox {
         baseline: &HandlerCode,
     ) -> wasmtime::Result<HandlerCode> {
         let component = self.optimised_component(wasm, digest)?;
-        prepare(&self.optimised, &component, Arc::clone(&baseline.context))
+        prepare(
+            &self.optimised,
+            &component,
+            Arc::clone(&baseline.context),
+            baseline.prepared.is_some(),
+        )
     }
 }
 
 /// Pre-instantiates `component` against `compiler`'s linker and asks it once which
-/// methods it serves.
+/// methods it serves. With `ahead` (a large component, without reuse), its fresh
+/// instances are instantiated ahead of its calls.
 fn prepare(
     compiler: &Compiler,
     component: &Component,
     context: Arc<HandlerContext>,
+    ahead: bool,
 ) -> wasmtime::Result<HandlerCode> {
     let pre = match compiler.linker.instantiate_pre(component) {
         Ok(pre) => pre,
@@ -315,6 +343,7 @@ fn prepare(
         tier: compiler.tier,
         engine: compiler.engine.clone(),
         pre,
+        prepared: (ahead && context.reuse.is_none()).then(Arc::default),
         context,
         methods,
         warm: Mutex::new(Vec::new()),
@@ -557,6 +586,237 @@ pub struct HandlerCode {
     /// Idle warm instances, for handlers that opted in to reuse. They belong to this
     /// version: a reload retires them with it.
     warm: Mutex<Vec<Warm>>,
+    /// Fresh instances made ahead of calls, for a large handler without reuse.
+    prepared: Option<Arc<Prepared>>,
+}
+
+/// A large handler's fresh instances, instantiated ahead of its calls on the
+/// preparer's thread. Each serves one call, as any fresh instance does: it was never
+/// used before, and shares nothing with any other. Instantiating one is most of a fresh
+/// call to such a handler (for a componentize-py handler, three quarters: its start-up
+/// fills CPython's function tables), and made ahead it is off the call's path.
+#[derive(Default)]
+struct Prepared {
+    /// Instances ready for a call, at most [`PREPARED_MAX`].
+    ready: Mutex<Vec<Warm>>,
+    /// Instances asked of the preparer and not yet ready.
+    making: AtomicUsize,
+    /// Calls waiting for one of those rather than instantiating their own.
+    waiting: AtomicUsize,
+    /// The first calls' own instantiations, in microseconds, and how many: whether
+    /// instantiating is worth moving off the calls' path is decided on them.
+    sampled_us: AtomicU64,
+    samples: AtomicUsize,
+    /// Wakes the waiting calls when an instance is ready (or failed).
+    arrived: tokio::sync::Notify,
+    /// Set when making one failed (the handler traps or times out as it starts): its
+    /// calls then instantiate inline, where the failure is the call's answer.
+    failed: AtomicBool,
+}
+
+impl Prepared {
+    fn take(&self) -> Option<Warm> {
+        self.ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    /// An instance for a call: a ready one, or one on its way, which comes sooner than
+    /// one the call would make itself. None when none is ready and the ones on their
+    /// way are already awaited by other calls (under load the call instantiates its
+    /// own, beside the preparer), or when `expires` passes first.
+    async fn get(&self, expires: tokio::time::Instant) -> Option<Warm> {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(instance) = self.take() {
+                return Some(instance);
+            }
+            if self.failed.load(Ordering::Relaxed)
+                || self.waiting.load(Ordering::Relaxed) >= self.making.load(Ordering::Relaxed)
+            {
+                return None;
+            }
+            let _waiting = Waiting::count(&self.waiting);
+            tokio::time::timeout_at(expires, arrived).await.ok()?;
+        }
+    }
+
+    /// Counts one of the first calls' own instantiations; the last of them decides,
+    /// and the log says what.
+    fn measured(&self, took: Duration, context: &HandlerContext) {
+        if self.samples.load(Ordering::Relaxed) >= PREPARE_SAMPLES {
+            return;
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.sampled_us.fetch_add(micros, Ordering::Relaxed);
+        if self.samples.fetch_add(1, Ordering::Relaxed) + 1 == PREPARE_SAMPLES {
+            let instantiate_us = self.sampled_us.load(Ordering::Relaxed) / PREPARE_SAMPLES as u64;
+            if self.worth_it() {
+                tracing::info!(
+                    handler = %context.file, instantiate_us,
+                    "this handler's fresh instances are made ahead of its calls, on the preparers' threads"
+                );
+            } else {
+                tracing::debug!(
+                    handler = %context.file, instantiate_us,
+                    "this handler instantiates quickly: each call makes its own fresh instance"
+                );
+            }
+        }
+    }
+
+    /// Whether the first calls' instantiations took long enough, on average, to be
+    /// made ahead: a JavaScript handler instantiates in tens of microseconds (its
+    /// engine starts in its first call), a Python one in about a millisecond.
+    fn worth_it(&self) -> bool {
+        let samples = self.samples.load(Ordering::Relaxed);
+        samples >= PREPARE_SAMPLES
+            && self.sampled_us.load(Ordering::Relaxed) / samples as u64 >= PREPARE_MIN_US
+    }
+
+    /// Asks the preparer for another instance, unless enough are ready or on the way.
+    fn refill(self: &Arc<Self>, code: &HandlerCode) {
+        if self.failed.load(Ordering::Relaxed) || !self.worth_it() {
+            return;
+        }
+        let ready = self
+            .ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if ready + self.making.load(Ordering::Relaxed) >= PREPARED_MAX {
+            return;
+        }
+        self.making.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            engine: code.engine.clone(),
+            pre: code.pre.clone(),
+            context: Arc::clone(&code.context),
+            into: Arc::clone(self),
+        };
+        if preparer().send(job).is_err() {
+            // The preparers are gone (the job, dropped, is no longer counted): calls
+            // instantiate their own.
+            self.failed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a waiting call for as long as it waits, even if the call is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An instance for the preparer to make. Made or not (a preparer gone), it is no
+/// longer on its way once the job is dropped, and the waiting calls are told.
+struct Job {
+    engine: Engine,
+    pre: DeviceHandlerPre<CallState>,
+    context: Arc<HandlerContext>,
+    into: Arc<Prepared>,
+}
+
+impl Job {
+    /// Makes the instance, on the preparer's runtime, and adds it to what is ready. A
+    /// version retired meanwhile is the only holder of `into` left: the instance is
+    /// dropped with it.
+    async fn run(&self) {
+        let outcome = async {
+            let mut store = new_store(
+                &self.engine,
+                &self.context,
+                "(prepared)",
+                "-",
+                PREPARE_DEADLINE,
+            )?;
+            let instantiated =
+                tokio::time::timeout(PREPARE_DEADLINE, self.pre.instantiate_async(&mut store))
+                    .await;
+            let handler = settle(instantiated, &store, PREPARE_DEADLINE)?;
+            Ok::<_, CallError>(Warm {
+                store,
+                handler,
+                calls: 0,
+            })
+        }
+        .await;
+        match outcome {
+            Ok(instance) => self
+                .into
+                .ready
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(instance),
+            Err(error) => {
+                tracing::debug!(%error, "instantiating a handler ahead of its calls failed; its calls instantiate their own");
+                self.into.failed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.into.making.fetch_sub(1, Ordering::Relaxed);
+        self.into.arrived.notify_waiters();
+    }
+}
+
+/// The preparer: [`PREPARERS`] threads for the process, each with a runtime of its
+/// own, making the instances asked for. On a machine with more than one CPU they
+/// instantiate while the event loop serves.
+fn preparer() -> &'static mpsc::Sender<Job> {
+    static PREPARER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    PREPARER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..PREPARERS {
+            let queue = Arc::clone(&queue);
+            let spawned = std::thread::Builder::new()
+                .name(format!("instance-preparer-{n}"))
+                .spawn(move || prepare_ahead(&queue));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start an instance preparer");
+            }
+        }
+        jobs
+    })
+}
+
+/// A preparer's thread: makes the instances asked for, one after another, until the
+/// process ends.
+fn prepare_ahead(queue: &Mutex<mpsc::Receiver<Job>>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start an instance preparer's runtime");
+            return;
+        }
+    };
+    loop {
+        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        match job {
+            Ok(job) => runtime.block_on(job.run()),
+            Err(_) => return,
+        }
+    }
 }
 
 /// What a finished fresh call leaves behind: its instance, torn down when this is
@@ -589,8 +849,9 @@ impl HandlerCode {
         self.tier
     }
 
-    /// Runs one call: in a fresh instance, or in a warm one when the handler opted in
-    /// to reuse, for at most `deadline`. Running wasm yields to the executor at every
+    /// Runs one call: in a fresh instance (made ahead of the call for a large handler
+    /// that instantiates slowly, see [`Prepared`]), or in a warm one when the handler
+    /// opted in to reuse, for at most `deadline`. Running wasm yields to the executor at every
     /// epoch tick, so the call can be awaited on any async thread. The answer comes with
     /// the call's fresh instance: drop it after the answer is on its way.
     ///
@@ -605,23 +866,7 @@ impl HandlerCode {
     ) -> Result<(Response, Spent), CallError> {
         let expires = tokio::time::Instant::now() + deadline;
         let Some(max_calls) = self.context.reuse else {
-            let mut store = self.fresh_store(request, deadline)?;
-            let pre = &self.pre;
-            let handled = tokio::time::timeout_at(expires, async {
-                let handler = pre.instantiate_async(&mut store).await?;
-                handler
-                    .edge_methods_handler()
-                    .call_handle(&mut store, request)
-                    .await
-            })
-            .await;
-            let response = settle(handled, &store, deadline)?;
-            return Ok((
-                response,
-                Spent {
-                    _store: Some(store),
-                },
-            ));
+            return self.call_fresh(request, deadline, expires).await;
         };
         let idle = self
             .warm
@@ -663,6 +908,59 @@ impl HandlerCode {
             }
         }
         Ok((response, Spent { _store: None }))
+    }
+
+    /// Runs one call in a fresh instance: one made ahead when there is one (see
+    /// [`Prepared`]), else one instantiated now.
+    async fn call_fresh(
+        &self,
+        request: &Request,
+        deadline: Duration,
+        expires: tokio::time::Instant,
+    ) -> Result<(Response, Spent), CallError> {
+        let ready = match &self.prepared {
+            Some(prepared) => {
+                let ready = prepared.get(expires).await;
+                prepared.refill(self);
+                ready
+            }
+            None => None,
+        };
+        let (mut store, handler) = match ready {
+            Some(Warm {
+                mut store, handler, ..
+            }) => {
+                store.data_mut().start_call(request, deadline);
+                store.set_epoch_deadline(1);
+                (store, Some(handler))
+            }
+            None => (self.fresh_store(request, deadline)?, None),
+        };
+        let handled = tokio::time::timeout_at(expires, async {
+            let handler = match handler {
+                Some(handler) => handler,
+                None => {
+                    let started = Instant::now();
+                    let handler = self.pre.instantiate_async(&mut store).await?;
+                    if let Some(prepared) = &self.prepared {
+                        prepared.measured(started.elapsed(), &self.context);
+                    }
+                    handler
+                }
+            };
+            handler
+                .edge_methods_handler()
+                .call_handle(&mut store, request)
+                .await
+        })
+        .await;
+        let response = settle(handled, &store, deadline)?;
+        Ok((
+            response,
+            Spent {
+                _store: Some(store),
+            },
+        ))
     }
 
     /// A fresh Store for `request`.

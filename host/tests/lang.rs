@@ -1,7 +1,8 @@
 //! Handlers in Python and JavaScript are first-class: the examples answer with their
 //! configuration and the device id, and the sandbox holds for them as for Rust (a
 //! loop ends at the deadline, unbounded allocation at the memory cap, an exception
-//! costs only its call, fresh instances share nothing). Real components built with
+//! costs only its call, fresh instances share nothing, made ahead of their calls or
+//! not). Real components built with
 //! componentize-py and componentize-js (testkit::lang), a real Mosquitto, a plain MQTT
 //! client. Without those toolchains these tests fail, saying how to install them.
 
@@ -198,8 +199,11 @@ async fn an_uncaught_exception_in_python_or_javascript_is_answered_500_and_costs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_python_and_javascript_instances_share_nothing() {
     let mut s = setup(&[("py-misbehave", None), ("js-misbehave", None)]).await;
+    let log = testkit::capture_logs();
     for count in ["pyCount", "jsCount"] {
-        for _ in 0..3 {
+        // The first few calls instantiate their own instance; Python's take long to,
+        // so the later ones are served by instances made ahead of them.
+        for _ in 0..10 {
             assert_eq!(
                 s.call(count, "null").await,
                 (200, json!({"calls": 1})),
@@ -207,6 +211,11 @@ async fn fresh_python_and_javascript_instances_share_nothing() {
             );
         }
     }
+    let ahead = log.lines_with("made ahead of its calls");
+    assert!(
+        ahead.contains("py-misbehave.wasm"),
+        "the Python handler's later calls were served by instances made ahead: {ahead:?}"
+    );
     s.host.stop().await.expect("clean stop");
 }
 
