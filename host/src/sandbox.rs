@@ -70,6 +70,12 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(2);
 /// seconds, and those are what the baseline build is for.
 pub const BASELINE_MIN_BYTES: usize = 1024 * 1024;
 
+/// Whether `wasm` is a large component (see [`BASELINE_MIN_BYTES`]): one built by the
+/// baseline compiler first, and whose fresh instances may be made ahead of its calls.
+fn is_large(wasm: &[u8]) -> bool {
+    wasm.len() >= BASELINE_MIN_BYTES
+}
+
 /// Fresh instances of a large handler (see [`BASELINE_MIN_BYTES`]) kept instantiated
 /// ahead of its calls, per version; see [`HandlerCode::call`].
 const PREPARED_MAX: usize = 2;
@@ -239,11 +245,7 @@ impl Sandbox {
         if let Some(component) = self.cached(digest) {
             return Ok((&self.optimised, component));
         }
-        if let Some(baseline) = self
-            .baseline
-            .as_ref()
-            .filter(|_| wasm.len() >= BASELINE_MIN_BYTES)
-        {
+        if let Some(baseline) = self.baseline.as_ref().filter(|_| is_large(wasm)) {
             match Component::new(&baseline.engine, wasm) {
                 Ok(component) => return Ok((baseline, component)),
                 Err(error) => tracing::info!(
@@ -286,8 +288,7 @@ impl Sandbox {
         let started = Instant::now();
         let (compiler, component) = self.first_component(wasm, digest)?;
         let built_ms = started.elapsed().as_millis();
-        let ahead = wasm.len() >= BASELINE_MIN_BYTES;
-        let code = prepare(compiler, &component, Arc::new(context), ahead)?;
+        let code = prepare(compiler, &component, Arc::new(context), is_large(wasm))?;
         tracing::debug!(
             %digest, code = %compiler.tier, built_ms,
             prepare_ms = started.elapsed().as_millis() - built_ms,
@@ -316,7 +317,7 @@ impl Sandbox {
             &self.optimised,
             &component,
             Arc::clone(&baseline.context),
-            baseline.prepared.is_some(),
+            is_large(wasm),
         )
     }
 }
@@ -679,7 +680,7 @@ impl Prepared {
 
     /// Asks the preparer for another instance, unless enough are ready or on the way.
     fn refill(self: &Arc<Self>, code: &HandlerCode) {
-        if self.failed.load(Ordering::Relaxed) || !self.worth_it() {
+        if self.failed.load(Ordering::Relaxed) {
             return;
         }
         let ready = self
@@ -919,12 +920,14 @@ impl HandlerCode {
         expires: tokio::time::Instant,
     ) -> Result<(Response, Spent), CallError> {
         let ready = match &self.prepared {
-            Some(prepared) => {
+            // Until its first calls have shown instantiating to be slow, and for good
+            // when they showed it quick, calls make their own.
+            Some(prepared) if prepared.worth_it() => {
                 let ready = prepared.get(expires).await;
                 prepared.refill(self);
                 ready
             }
-            None => None,
+            _ => None,
         };
         let (mut store, handler) = match ready {
             Some(Warm {
