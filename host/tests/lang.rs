@@ -239,3 +239,29 @@ async fn with_reuse_opted_in_python_and_javascript_keep_their_globals_between_ca
     }
     s.host.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_echoes_keep_every_character_of_the_payload() {
+    // Strings cross into and out of each language's engine through its bindings (for
+    // JavaScript, build.mjs replaces the bindings' UTF-8 encoder with the engine's
+    // own): one, two, three and four bytes per character, an escaped quote and NUL,
+    // and a payload long enough to take several allocations.
+    let mut s = setup(&[("py-misbehave", None), ("js-misbehave", None)]).await;
+    let mixed = "a é ß 漢字 😀 \"quoted\" \u{0} \u{10FFFF} end";
+    let long: String = std::iter::repeat_n(mixed, 200).collect();
+    for payload in [
+        json!({"text": mixed, "n": [1, 2.5, null, true]}),
+        json!({"long": long}),
+        json!("😀"),
+    ] {
+        let text = payload.to_string();
+        for echo in ["pyEcho", "jsEcho"] {
+            assert_eq!(
+                s.call(echo, &text).await,
+                (200, payload.clone()),
+                "{echo} answered its payload back, character for character"
+            );
+        }
+    }
+    s.host.stop().await.expect("clean stop");
+}

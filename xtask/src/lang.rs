@@ -147,13 +147,6 @@ impl Toolchain {
     /// When Python (with venv) or Node.js (with npm) is missing, or the install fails.
     pub fn install(root: &Path, lang: Lang) -> anyhow::Result<Self> {
         let toolchain = Self::expected(root, lang)?;
-        if lang == Lang::Js && toolchain.dir.is_dir() {
-            // The build script may change without the pin changing: keep it current.
-            copy_if_changed(
-                &root.join(JS_PACKAGE).join("build.mjs"),
-                &toolchain.dir.join("build.mjs"),
-            )?;
-        }
         if toolchain.is_installed() {
             return Ok(toolchain);
         }
@@ -311,7 +304,12 @@ pub fn build(root: &Path, guest: &Guest, toolchain: &Toolchain) -> anyhow::Resul
     digest_tree(&mut inputs, &wit)?;
     digest_tree(&mut inputs, &sources)?;
     if guest.lang == Lang::Js {
-        digest_file(&mut inputs, &toolchain.dir.join("build.mjs"))?;
+        // The build script may change without the pin changing: the toolchain's copy
+        // (which runs there, beside node_modules) is kept current here, for every
+        // build, whoever asks for it (tests too).
+        let script = toolchain.dir.join("build.mjs");
+        copy_if_changed(&root.join(JS_PACKAGE).join("build.mjs"), &script)?;
+        digest_file(&mut inputs, &script)?;
     }
     let inputs = hex(&inputs.finalize());
     if out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == inputs) {
