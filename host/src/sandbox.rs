@@ -12,7 +12,7 @@
 //! linear-memory cap enforced by a resource limiter, and WASI with nothing granted: no
 //! files, network, environment, arguments or stdin. What the handler prints or logs is
 //! captured, capped and logged, tagged with the method and request. A large handler
-//! whose instances take long to make (a Python one: about a millisecond) gets them made
+//! whose instances take long to make (a Python one: about half a millisecond) gets them made
 //! ahead of its calls, on the preparers' threads, each still serving one call only.
 //!
 //! Calls run as futures (wasmtime's async support, WASI linked async), so a deadline
@@ -593,9 +593,9 @@ pub struct HandlerCode {
 
 /// A large handler's fresh instances, instantiated ahead of its calls on the
 /// preparer's thread. Each serves one call, as any fresh instance does: it was never
-/// used before, and shares nothing with any other. Instantiating one is most of a fresh
-/// call to such a handler (for a componentize-py handler, three quarters: its start-up
-/// fills CPython's function tables), and made ahead it is off the call's path.
+/// used before, and shares nothing with any other. Instantiating one is half of a fresh
+/// call to such a handler (for a componentize-py handler: its start-up fills CPython's
+/// function tables), and made ahead it is off the call's path.
 #[derive(Default)]
 struct Prepared {
     /// Instances ready for a call, at most [`PREPARED_MAX`].
@@ -671,7 +671,7 @@ impl Prepared {
 
     /// Whether the first calls' instantiations took long enough, on average, to be
     /// made ahead: a JavaScript handler instantiates in tens of microseconds (its
-    /// engine starts in its first call), a Python one in about a millisecond.
+    /// engine starts in its first call), a Python one in about half a millisecond.
     fn worth_it(&self) -> bool {
         let samples = self.samples.load(Ordering::Relaxed);
         samples >= PREPARE_SAMPLES
