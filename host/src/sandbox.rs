@@ -835,6 +835,15 @@ struct Warm {
     calls: u32,
 }
 
+impl Warm {
+    /// Readies this kept instance (warm, or made ahead) for `request`: its output
+    /// tagged with the call, its deadline set afresh.
+    fn start_call(&mut self, request: &Request, deadline: Duration) {
+        self.store.data_mut().start_call(request, deadline);
+        self.store.set_epoch_deadline(1);
+    }
+}
+
 /// Idle warm instances kept per handler version; more are dropped when calls end.
 const WARM_MAX: usize = 8;
 
@@ -876,8 +885,7 @@ impl HandlerCode {
             .pop();
         let mut warm = match idle {
             Some(mut warm) => {
-                warm.store.data_mut().start_call(request, deadline);
-                warm.store.set_epoch_deadline(1);
+                warm.start_call(request, deadline);
                 warm
             }
             None => {
@@ -930,12 +938,9 @@ impl HandlerCode {
             _ => None,
         };
         let (mut store, handler) = match ready {
-            Some(Warm {
-                mut store, handler, ..
-            }) => {
-                store.data_mut().start_call(request, deadline);
-                store.set_epoch_deadline(1);
-                (store, Some(handler))
+            Some(mut ready) => {
+                ready.start_call(request, deadline);
+                (ready.store, Some(ready.handler))
             }
             None => (self.fresh_store(request, deadline)?, None),
         };
