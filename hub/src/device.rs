@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use edge_proto::Namespace;
 use edge_proto::iothub::{SasError, SasToken, unix_now};
 use edge_proto::topic::{check_device_id, check_request_id};
+use edge_proto::{ErrorBody, ErrorCode, Namespace};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -638,16 +638,34 @@ impl DeviceSession {
         conn: &mut Connection<S>,
         publish: Publish,
     ) -> Step {
-        if !self.subscriptions.contains(METHODS_FILTER) {
-            return Ok(());
-        }
         let request = match self.namespace.parse_request(&publish.topic) {
             Ok(request) => request,
             Err(e) => {
                 warn!(device = %self.id, topic = %publish.topic, error = %e, "request not passed on");
-                return Ok(());
+                return match e.request_id() {
+                    Some(request_id) => {
+                        let message = format!("the request was not passed on: {e}");
+                        self.answer_backend(request_id, ErrorCode::InvalidMethod, message)
+                            .await
+                    }
+                    None => Ok(()),
+                };
             }
         };
+        if !self.subscriptions.contains(METHODS_FILTER) {
+            // Between the device's UNSUBSCRIBE (edge-host's reconnection for a fresh
+            // token starts with one) and the caller seeing its presence go offline: the
+            // caller is told, rather than left to time out, and may send it again.
+            debug!(device = %self.id, request_id = request.request_id, "not subscribed to methods: not delivered");
+            let message = format!(
+                "device '{}' took no method calls when the request came (not subscribed \
+                 to them); no handler saw it",
+                self.id
+            );
+            return self
+                .answer_backend(request.request_id, ErrorCode::NotDelivered, message)
+                .await;
+        }
         let topic = format!(
             "$iothub/methods/POST/{}/?$rid={}",
             request.method, request.request_id
@@ -729,6 +747,21 @@ impl DeviceSession {
             )
             .await;
         if published {
+            Ok(())
+        } else {
+            Err(End::BackendLost)
+        }
+    }
+
+    /// Answers a backend request in the device's stead, with one of the host's errors.
+    async fn answer_backend(&self, request_id: &str, code: ErrorCode, message: String) -> Step {
+        let topic = self.namespace.response_topic(code.status(), request_id);
+        let body = ErrorBody::new(code, message).to_json();
+        if self
+            .backend
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+        {
             Ok(())
         } else {
             Err(End::BackendLost)

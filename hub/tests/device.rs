@@ -502,3 +502,124 @@ async fn a_device_with_a_certificate_signed_by_a_registered_ca_connects_by_its_c
     }
     hub.stop().await;
 }
+
+/// Unsubscribes the raw device from method calls and waits for the UNSUBACK.
+async fn unsubscribe_methods(device: &mut common::RawDevice) {
+    device
+        .client
+        .unsubscribe("$iothub/methods/POST/#")
+        .await
+        .unwrap();
+    device
+        .until(|p| matches!(p, Packet::UnsubAck(_)))
+        .await
+        .unwrap();
+}
+
+/// Publishes a request for `method` to d1 on the backend, as a caller does, and returns
+/// the status and error code of the answer to `rid`.
+async fn backend_answer(
+    backend: &mut testkit::RawClient,
+    method: &str,
+    rid: &str,
+) -> (u16, String) {
+    let topic = format!("devices/d1/$iothub/methods/POST/{method}/?$rid={rid}");
+    backend.publish(&topic, "{}").await.unwrap();
+    let suffix = format!("/?$rid={rid}");
+    let (topic, payload) = backend
+        .next_where(Duration::from_secs(5), |t| t.ends_with(&suffix))
+        .await
+        .unwrap();
+    let status = topic
+        .strip_prefix("devices/d1/$iothub/methods/res/")
+        .and_then(|rest| rest.strip_suffix(&suffix))
+        .unwrap_or_else(|| panic!("an answer on the response topic: {topic}"));
+    let body: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status.parse().unwrap(), code)
+}
+
+#[tokio::test]
+async fn a_request_the_device_cannot_take_is_answered_by_the_hub_not_dropped() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    unsubscribe_methods(&mut device).await;
+    let mut backend = testkit::RawClient::connect(
+        &hub.broker(),
+        &["devices/d1/$iothub/methods/res/#".to_owned()],
+    )
+    .await
+    .unwrap();
+
+    // Connected, not subscribed to methods (as edge-host is while it reconnects).
+    let answer = backend_answer(&mut backend, "ping", "r1").await;
+    assert_eq!(answer, (503, "notDelivered".to_owned()));
+
+    // A method name no device could be called by, with a request id to answer on.
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let answer = backend_answer(&mut backend, "two words", "r2").await;
+    assert_eq!(answer, (400, "invalidMethod".to_owned()));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_sends_a_request_that_was_not_delivered_again_once_the_device_is_back() {
+    let hub = TestHub::start().await.unwrap();
+    let key = hub.add_device("d1");
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    unsubscribe_methods(&mut device).await;
+    testkit::presence(&hub.broker(), "d1", false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The caller's view lags (it saw `online` and sent, as in the moment between the
+    // device's UNSUBSCRIBE and its offline presence reaching the caller): a stale
+    // presence that says online makes every send meet the hub's "not delivered".
+    let backend = testkit::RawClient::connect(
+        &hub.broker(),
+        &["devices/d1/$iothub/methods/res/#".to_owned()],
+    )
+    .await
+    .unwrap();
+    backend
+        .publish_retained(
+            "devices/d1/$edge/presence",
+            r#"{"online":true,"agent":"stale"}"#,
+        )
+        .await
+        .unwrap();
+    testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let caller = caller(&hub).await;
+
+    // Without a connect timeout: offline, as IoT Hub answers for a device that is not
+    // taking calls, and not the hub's 503 passed off as the device's answer.
+    let error = caller
+        .call(&CallRequest::new("d1", "ping", "{}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CallError::NotOnline { .. }), "{error:?}");
+
+    // With one: sent again until the device takes calls again, then answered by it.
+    let call = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            let mut request = CallRequest::new("d1", "ping", r#"{"n":7}"#);
+            request.connect_timeout = Duration::from_secs(10);
+            caller.call(&request).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    answer_one(&mut device).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.payload.to_value(), serde_json::json!({"n":7}));
+    hub.stop().await;
+}

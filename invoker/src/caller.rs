@@ -31,12 +31,13 @@ mod snapshot;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edge_proto::{Namespace, Presence};
+use edge_proto::{ErrorCode, Namespace, Presence};
 use rumqttc::{QoS, SubscribeFilter};
 use tokio::sync::{OnceCell, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use self::routes::{Device, Pending, PendingGuard, Routes, Shared, lock};
+use self::routes::{Answer, Device, Pending, PendingGuard, Routes, Shared, lock};
 pub use self::session::{CONNECT_WAIT, ConnectOptions};
 use crate::call::{CallError, CallRequest, MethodResponse};
 
@@ -47,6 +48,18 @@ const ANSWER_TRANSIT: Duration = Duration::from_millis(250);
 /// How long the broker may take to echo a sync message before the session is deemed
 /// broken (for example an ACL that forbids the caller's private topic).
 const SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// The first pause before a request that was not delivered is sent again to a device
+/// whose presence still says online; it doubles up to [`RESEND_PAUSE_MAX`].
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+
+/// The longest pause between sends of a request that was not delivered.
+const RESEND_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Whether a device with this presence is called: online, or publishing none.
+fn takes_calls(presence: &Option<Presence>) -> bool {
+    presence.as_ref().is_none_or(|p| p.online)
+}
 
 /// An MQTT session that calls methods. Clones share the session; calls on it may run
 /// concurrently. The session ends with [`Caller::disconnect`], or when the last clone
@@ -94,7 +107,10 @@ impl Caller {
     /// a device whose presence says offline fails at once with 404103 unless it comes
     /// online within the connect timeout; a device that publishes no presence is called
     /// anyway. The request goes at QoS 0, so it is never held for a device that
-    /// reconnects later.
+    /// reconnects later. An answer `503 notDelivered` (edge-hub's, for a device that was
+    /// not taking calls; no handler saw the request) is not the device's: the request is
+    /// sent again once the device is online, within the connect timeout, or the call
+    /// fails with 404103.
     ///
     /// # Errors
     /// [`CallError::Argument`] (nothing sent), [`CallError::NotOnline`],
@@ -102,9 +118,45 @@ impl Caller {
     pub async fn call(&self, request: &CallRequest) -> Result<MethodResponse, CallError> {
         let checked = request.check()?;
         let namespace = checked.namespace;
-        let presence = self.watch_device(&namespace).await?;
-        self.wait_online(presence, request).await?;
+        let mut presence = self.watch_device(&namespace).await?;
+        let connect_by = Instant::now() + request.connect_timeout;
+        let mut pause = RESEND_PAUSE;
+        loop {
+            self.wait_online(&mut presence, request, connect_by).await?;
+            let answer = self.send(&namespace, request, checked.payload).await?;
+            if !ErrorCode::NotDelivered.answered(answer.status, &answer.publish.payload) {
+                return Ok(MethodResponse::from_wire(
+                    answer.status,
+                    &answer.publish.payload,
+                ));
+            }
+            // No handler saw it (a device through edge-hub between unsubscribing and
+            // reconnecting): sent again once the device is back, within the connect
+            // timeout, as a call to an offline device would be.
+            debug!(device = %request.device, "not delivered; waiting for the device to take calls");
+            if Instant::now() >= connect_by {
+                return Err(CallError::NotOnline {
+                    device: request.device.clone(),
+                });
+            }
+            // Its offline presence came before this answer; a presence that still says
+            // online after a sync is the device back already, or a relay that keeps
+            // refusing: a pause, growing, keeps the latter from becoming a busy loop.
+            self.sync().await?;
+            if takes_calls(&presence.borrow_and_update()) {
+                tokio::time::sleep_until(connect_by.min(Instant::now() + pause)).await;
+                pause = (pause * 2).min(RESEND_PAUSE_MAX);
+            }
+        }
+    }
 
+    /// Sends the request once and waits for its answer, for up to the response timeout.
+    async fn send(
+        &self,
+        namespace: &Namespace,
+        request: &CallRequest,
+        payload: &str,
+    ) -> Result<Answer, CallError> {
         let request_id = format!("{:016x}", rand::random::<u64>());
         let (answer_tx, answer_rx) = oneshot::channel();
         self.shared.routes(|routes| {
@@ -128,20 +180,12 @@ impl Caller {
         debug!(%topic, "request");
         self.shared
             .client
-            .publish(
-                topic,
-                QoS::AtMostOnce,
-                false,
-                checked.payload.as_bytes().to_vec(),
-            )
+            .publish(topic, QoS::AtMostOnce, false, payload.as_bytes().to_vec())
             .await
             .map_err(|e| self.shared.broker_error(e))?;
 
         match tokio::time::timeout(request.response_timeout, answer_rx).await {
-            Ok(Ok(answer)) => Ok(MethodResponse::from_wire(
-                answer.status,
-                &answer.publish.payload,
-            )),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(self.shared.closed_error()),
             Err(_) => Err(CallError::Timeout {
                 device: request.device.clone(),
@@ -208,13 +252,14 @@ impl Caller {
         Ok(device.presence.subscribe())
     }
 
-    /// Waits until the device is not known to be offline, for up to the connect timeout.
+    /// Waits until the device is not known to be offline, until `connect_by` (the call's
+    /// connect timeout).
     async fn wait_online(
         &self,
-        mut presence: watch::Receiver<Option<Presence>>,
+        presence: &mut watch::Receiver<Option<Presence>>,
         request: &CallRequest,
+        connect_by: Instant,
     ) -> Result<(), CallError> {
-        let takes_calls = |p: &Option<Presence>| p.as_ref().is_none_or(|p| p.online);
         if takes_calls(&presence.borrow_and_update()) {
             return Ok(());
         }
@@ -228,11 +273,11 @@ impl Caller {
         let not_online = || CallError::NotOnline {
             device: request.device.clone(),
         };
-        if request.connect_timeout.is_zero() {
+        if Instant::now() >= connect_by {
             return Err(not_online());
         }
         debug!(device = %request.device, "offline; waiting for it to come online");
-        match tokio::time::timeout(request.connect_timeout, presence.wait_for(takes_calls)).await {
+        match tokio::time::timeout_at(connect_by, presence.wait_for(takes_calls)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(self.shared.closed_error()),
             Err(_) => Err(not_online()),

@@ -23,6 +23,11 @@ pub enum ErrorCode {
     TooManyCalls,
     /// 503: the device is shutting down.
     ShuttingDown,
+    /// 503: the device's connection took no method calls when the request came (it had
+    /// unsubscribed from them, as edge-host does before it reconnects): the request
+    /// reached no handler, so a caller may send it again once the device is back.
+    /// Answered by edge-hub for a device connected through it.
+    NotDelivered,
     /// 504: the handler ran past its deadline.
     DeadlineExceeded,
 }
@@ -35,9 +40,17 @@ impl ErrorCode {
             Self::MethodNotFound => 404,
             Self::PayloadTooLarge => 413,
             Self::HandlerFailed | Self::InvalidResponse => 500,
-            Self::TooManyCalls | Self::ShuttingDown => 503,
+            Self::TooManyCalls | Self::ShuttingDown | Self::NotDelivered => 503,
             Self::DeadlineExceeded => 504,
         }
+    }
+
+    /// Whether an answer with `status` and body `payload` is this one (the status, and
+    /// an error body with this code).
+    pub fn answered(self, status: u16, payload: &[u8]) -> bool {
+        status == self.status()
+            && serde_json::from_slice::<ErrorBody>(payload)
+                .is_ok_and(|body| body.error.code == self.as_str())
     }
 
     /// The word in the error body's `code` field.
@@ -51,6 +64,7 @@ impl ErrorCode {
             Self::InvalidResponse => "invalidResponse",
             Self::TooManyCalls => "tooManyCalls",
             Self::ShuttingDown => "shuttingDown",
+            Self::NotDelivered => "notDelivered",
             Self::DeadlineExceeded => "deadlineExceeded",
         }
     }
@@ -140,6 +154,16 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_is_recognised_by_status_and_code() {
+        let body = ErrorBody::new(ErrorCode::NotDelivered, "not subscribed").to_json();
+        assert!(ErrorCode::NotDelivered.answered(503, &body));
+        assert!(!ErrorCode::NotDelivered.answered(500, &body));
+        assert!(!ErrorCode::ShuttingDown.answered(503, &body));
+        assert!(!ErrorCode::NotDelivered.answered(503, b"{\"code\":\"notDelivered\"}"));
+        assert!(!ErrorCode::NotDelivered.answered(503, b"not json"));
+    }
+
+    #[test]
     fn statuses_are_iot_hubs() {
         assert_eq!(ErrorCode::InvalidJson.status(), 400);
         assert_eq!(ErrorCode::MethodNotFound.status(), 404);
@@ -147,6 +171,7 @@ mod tests {
         assert_eq!(ErrorCode::HandlerFailed.status(), 500);
         assert_eq!(ErrorCode::TooManyCalls.status(), 503);
         assert_eq!(ErrorCode::DeadlineExceeded.status(), 504);
+        assert_eq!(ErrorCode::NotDelivered.status(), 503);
         assert_eq!(ServiceError::DeviceNotOnline.code(), 404103);
         assert_eq!(ServiceError::GatewayTimeout.code(), 504101);
         assert_eq!(ServiceError::ArgumentInvalid.code(), 400004);
