@@ -13,9 +13,10 @@
 //! - edge-host, fresh and reuse, on its own embedded broker: the default path, where
 //!   the broker runs inside the host;
 //!
-//! and with `--lang`, through Mosquitto, edge-host serving the same echo written in
-//! Python (componentize-py) and in JavaScript (componentize-js), a fresh instance per
-//! call, their optimised code taken from a compiled-code cache warmed before the rounds.
+//! and with `--lang`, edge-host serving the same echo written in Python
+//! (componentize-py) and in JavaScript (componentize-js), a fresh instance per call,
+//! their optimised code taken from a compiled-code cache warmed before the rounds: each
+//! on its own embedded broker (the default path) and through Mosquitto.
 //!
 //! Each is a process of its own, started afresh for each round (5 by default, so that a
 //! slow spell of the machine weighs on all of them and is outvoted); for each: latency
@@ -57,7 +58,8 @@ pub struct Options {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Also measure edge-host with an echo handler in Python and one in JavaScript
-    /// (fresh instances, through Mosquitto), beside Rust's. Builds them with the
+    /// (fresh instances, on edge-host's own broker and through Mosquitto), beside
+    /// Rust's. Builds them with the
     /// pinned toolchains first (`cargo xtask toolchains`).
     #[arg(long)]
     lang: bool,
@@ -117,9 +119,11 @@ const SUBJECTS: [Subject; 6] = [
     Subject::new(Answerer::Reuse, Broker::Embedded),
 ];
 
-/// The rows `--lang` adds.
-const LANG_SUBJECTS: [Subject; 2] = [
+/// The rows `--lang` adds: each language on the default path first.
+const LANG_SUBJECTS: [Subject; 4] = [
+    Subject::new(Answerer::Python, Broker::Embedded),
     Subject::new(Answerer::Python, Broker::Mosquitto),
+    Subject::new(Answerer::JavaScript, Broker::Embedded),
     Subject::new(Answerer::JavaScript, Broker::Mosquitto),
 ];
 
@@ -145,8 +149,10 @@ impl Subject {
             (Answerer::Floor, Broker::Embedded) => "responder, embedded broker",
             (Answerer::Fresh, Broker::Embedded) => "edge-host fresh, own broker",
             (Answerer::Reuse, Broker::Embedded) => "edge-host reuse, own broker",
-            (Answerer::Python, _) => "edge-host Python fresh, Mosq.",
-            (Answerer::JavaScript, _) => "edge-host JS fresh, Mosquitto",
+            (Answerer::Python, Broker::Mosquitto) => "Python fresh, Mosquitto",
+            (Answerer::Python, Broker::Embedded) => "Python fresh, own broker",
+            (Answerer::JavaScript, Broker::Mosquitto) => "JS fresh, Mosquitto",
+            (Answerer::JavaScript, Broker::Embedded) => "JS fresh, own broker",
         }
     }
 
@@ -318,8 +324,8 @@ fn warm_lang_cache() -> anyhow::Result<tempfile::TempDir> {
         keep_resident: true,
         baseline: false,
     })?;
-    for subject in LANG_SUBJECTS {
-        let Some((name, _)) = subject.answerer.lang_guest() else {
+    for answerer in [Answerer::Python, Answerer::JavaScript] {
+        let Some((name, _)) = answerer.lang_guest() else {
             continue;
         };
         let wasm = std::fs::read(testkit::lang::guest(name)?)?;

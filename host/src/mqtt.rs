@@ -505,7 +505,11 @@ impl Session {
             {
                 tracing::error!(rid = %request_id, %error, "could not queue the response");
             }
-            // The answer is queued: now tear down the call's instance.
+            // The answer is queued: now tear down the call's instance. Not after a
+            // yield, though that would put the answer on the socket sooner: the guard
+            // holds the call's places in the in-flight bounds, and a session that reads
+            // new requests while spent instances wait to be torn down admits more than
+            // the bounds (tried: thousands of 503s at 64 in flight, RSS doubled).
             drop(guard);
         });
     }
