@@ -59,8 +59,7 @@ pub struct Options {
     rounds: usize,
     /// Also measure edge-host with an echo handler in Python and one in JavaScript
     /// (fresh instances, on edge-host's own broker and through Mosquitto), beside
-    /// Rust's. Builds them with the
-    /// pinned toolchains first (`cargo xtask toolchains`).
+    /// Rust's. Builds them with the pinned toolchains first (`cargo xtask toolchains`).
     #[arg(long)]
     lang: bool,
 }
