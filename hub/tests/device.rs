@@ -623,3 +623,70 @@ async fn a_caller_sends_a_request_that_was_not_delivered_again_once_the_device_i
     assert_eq!(response.payload.to_value(), serde_json::json!({"n":7}));
     hub.stop().await;
 }
+
+/// Calls `device` through `caller`, answers it from the raw device, and returns the
+/// status the caller got.
+async fn call_answered(caller: &Caller, id: &str, device: &mut common::RawDevice) -> u16 {
+    let call = tokio::spawn({
+        let caller = caller.clone();
+        let id = id.to_owned();
+        async move { caller.call(&CallRequest::new(id, "ping", "{}")).await }
+    });
+    answer_one(device).await;
+    call.await.unwrap().unwrap().status
+}
+
+#[tokio::test]
+async fn a_caller_forgets_the_devices_it_has_not_called_for_a_while() {
+    let hub = TestHub::start().await.unwrap();
+    let mut devices = Vec::new();
+    for id in ["d1", "d2"] {
+        let key = hub.add_device(id);
+        let mut device = connect_device(&hub, id, &key).await.unwrap();
+        device.subscribe("$iothub/methods/POST/#").await.unwrap();
+        testkit::presence(&hub.broker(), id, true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        devices.push(device);
+    }
+    let [mut d1, mut d2] = <[_; 2]>::try_from(devices).unwrap();
+    let idle = Duration::from_millis(300);
+    let mut options = ConnectOptions::new(hub.broker());
+    options.idle_device = idle;
+    let caller = Caller::connect(options).await.unwrap();
+
+    // A call still running keeps its device, however long it takes.
+    let slow = tokio::spawn({
+        let caller = caller.clone();
+        async move { caller.call(&CallRequest::new("d1", "ping", "{}")).await }
+    });
+    let Packet::Publish(request) = d1.until(|p| matches!(p, Packet::Publish(_))).await.unwrap()
+    else {
+        unreachable!()
+    };
+    tokio::time::sleep(idle + idle / 2).await;
+    assert_eq!(call_answered(&caller, "d2", &mut d2).await, 200);
+    assert_eq!(caller.watched_devices(), 2, "d1's call is still running");
+    let rid = request.topic.split("$rid=").nth(1).unwrap().to_owned();
+    d1.client
+        .publish(
+            format!("$iothub/methods/res/200/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            false,
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    d1.until(|p| matches!(p, Packet::PubAck(_))).await.unwrap();
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+
+    // Idle past the limit: forgotten at the next call to another device.
+    tokio::time::sleep(idle + idle / 2).await;
+    assert_eq!(call_answered(&caller, "d2", &mut d2).await, 200);
+    assert_eq!(caller.watched_devices(), 1, "d1 was idle: unsubscribed");
+
+    // Called again: subscribed afresh, its presence and its answer reach the call.
+    assert_eq!(call_answered(&caller, "d1", &mut d1).await, 200);
+    assert!(caller.watched_devices() >= 1);
+    hub.stop().await;
+}

@@ -2,6 +2,9 @@
 //!
 //! Before the first call to a device the caller subscribes to the device's responses
 //! and presence, then publishes a token to its own private topic and waits for the echo.
+//! It unsubscribes once no call has used the device for
+//! [`ConnectOptions::idle_device`] (10 minutes by default), so that a long-lived session
+//! calling a fleet (edge-hub's) holds only the devices it calls.
 //! The broker handles one connection's packets in order, so once the echo is back the
 //! SUBSCRIBE took effect and a retained presence, if any, has been delivered: the
 //! caller knows whether the device is online, offline, or publishes no presence. The
@@ -61,6 +64,18 @@ fn takes_calls(presence: &Option<Presence>) -> bool {
     presence.as_ref().is_none_or(|p| p.online)
 }
 
+/// A device a call is using: while this lives, its subscriptions stay; when it drops,
+/// the device's idle time starts.
+struct InUse {
+    device: Arc<Device>,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.device.touch();
+    }
+}
+
 /// An MQTT session that calls methods. Clones share the session; calls on it may run
 /// concurrently. The session ends with [`Caller::disconnect`], or when the last clone
 /// is dropped.
@@ -85,6 +100,7 @@ impl Caller {
             broker: connected.broker,
             routes: Mutex::new(Routes::default()),
             task: Mutex::new(None),
+            idle_device: options.idle_device,
         });
         // The task holds only a weak reference, so that dropping the last Caller ends it.
         let task = tokio::spawn(session::run_eventloop(
@@ -118,7 +134,8 @@ impl Caller {
     pub async fn call(&self, request: &CallRequest) -> Result<MethodResponse, CallError> {
         let checked = request.check()?;
         let namespace = checked.namespace;
-        let mut presence = self.watch_device(&namespace).await?;
+        let in_use = self.watch_device(&namespace).await?;
+        let mut presence = in_use.device.presence.subscribe();
         let connect_by = Instant::now() + request.connect_timeout;
         let mut pause = RESEND_PAUSE;
         loop {
@@ -212,15 +229,14 @@ impl Caller {
         }
     }
 
-    /// The device's presence, subscribed to with its responses: subscribes and syncs
-    /// the first time, and waits for a concurrent first time to finish. The receiver
-    /// fails once the session ends.
-    async fn watch_device(
-        &self,
-        namespace: &Namespace,
-    ) -> Result<watch::Receiver<Option<Presence>>, CallError> {
+    /// The device, its presence subscribed to with its responses: subscribes and syncs
+    /// the first time (or the first time after it was idle and forgotten), and waits
+    /// for a concurrent first time to finish. Its presence receivers fail once the
+    /// session ends.
+    async fn watch_device(&self, namespace: &Namespace) -> Result<InUse, CallError> {
         let presence_topic = namespace.presence_topic();
         let device = self.shared.routes(|routes| {
+            routes.forget_idle(&self.shared.client, self.shared.idle_device);
             Arc::clone(
                 routes
                     .devices
@@ -230,6 +246,7 @@ impl Caller {
                             filters: [namespace.response_filter(), presence_topic.clone()],
                             presence: watch::Sender::new(None),
                             subscribed: OnceCell::new(),
+                            last_used: Mutex::new(std::time::Instant::now()),
                         })
                     }),
             )
@@ -249,7 +266,15 @@ impl Caller {
                 self.sync().await
             })
             .await?;
-        Ok(device.presence.subscribe())
+        Ok(InUse { device })
+    }
+
+    /// How many devices the session is subscribed to (their responses and presence):
+    /// those called in the last [`ConnectOptions::idle_device`], or being called.
+    pub fn watched_devices(&self) -> usize {
+        self.shared
+            .routes(|routes| routes.devices.len())
+            .unwrap_or(0)
     }
 
     /// Waits until the device is not known to be offline, until `connect_by` (the call's

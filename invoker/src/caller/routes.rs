@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use edge_proto::{Namespace, Presence};
 use rumqttc::{AsyncClient, Publish, QoS, SubscribeFilter};
@@ -28,6 +29,8 @@ pub(super) struct Shared {
     pub(super) routes: Mutex<Routes>,
     /// The event-loop task, taken by [`Caller::disconnect`](super::Caller::disconnect).
     pub(super) task: Mutex<Option<JoinHandle<()>>>,
+    /// How long a device no call uses stays subscribed.
+    pub(super) idle_device: Duration,
 }
 
 /// Who waits for what: filled by calls, emptied by the event-loop task.
@@ -37,12 +40,52 @@ pub(super) struct Routes {
     pub(super) pending: HashMap<String, Pending>,
     /// Barriers waiting for their echo, by token.
     pub(super) barriers: HashMap<String, oneshot::Sender<()>>,
-    /// Devices subscribed to, by presence topic.
+    /// Devices subscribed to, by presence topic. Each call holds its device's entry
+    /// while it runs; [`Routes::forget_idle`] drops the others once idle.
     pub(super) devices: HashMap<String, Arc<Device>>,
+    /// When idle devices were last looked for.
+    pub(super) swept: Option<Instant>,
     /// Reads of retained messages in progress, by token.
     pub(super) snapshots: HashMap<String, Snapshot>,
     /// Why the session ended, once it has.
     pub(super) closed: Option<String>,
+}
+
+impl Routes {
+    /// Unsubscribes from the devices no call has used for `idle` (none running, the
+    /// last ended that long ago), looking at most once per quarter of `idle`. Called
+    /// under the routes' lock, so that a call subscribing to the same device again
+    /// queues its SUBSCRIBE after this UNSUBSCRIBE. A device none of whose UNSUBSCRIBEs
+    /// can be queued now (the client's queue is full) is kept, and looked at next time.
+    pub(super) fn forget_idle(&mut self, client: &AsyncClient, idle: Duration) {
+        let now = Instant::now();
+        if self
+            .swept
+            .is_some_and(|at| now.duration_since(at) < idle / 4)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.devices.retain(|topic, device| {
+            // The map's own reference is the only one: no call holds it.
+            let unused = Arc::strong_count(device) == 1
+                && now.duration_since(*lock(&device.last_used)) >= idle;
+            if !unused {
+                return true;
+            }
+            let queued = device
+                .filters
+                .iter()
+                .filter(|filter| client.try_unsubscribe((*filter).clone()).is_ok())
+                .count();
+            if queued > 0 {
+                // Forgotten even if only one went: a later call subscribes to both
+                // again, and a presence nobody watches is ignored.
+                debug!(presence = %topic, "unsubscribed from a device no call used for a while");
+            }
+            queued == 0
+        });
+    }
 }
 
 /// A call waiting for its response.
@@ -69,6 +112,15 @@ pub(super) struct Device {
     pub(super) presence: watch::Sender<Option<Presence>>,
     /// Set once the subscriptions took effect (the sync echo came back).
     pub(super) subscribed: OnceCell<()>,
+    /// When the last call to it ended (or began, while none has ended).
+    pub(super) last_used: Mutex<Instant>,
+}
+
+impl Device {
+    /// Notes that a call used it now.
+    pub(super) fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
 }
 
 impl Shared {

@@ -27,7 +27,10 @@ const MAX_PACKET: usize = 1024 * 1024;
 /// How many requests (publish, subscribe) may queue for the event loop.
 const REQUEST_QUEUE: usize = 256;
 
-/// How to reach the broker.
+/// How long a device no call uses stays subscribed, by default.
+pub const IDLE_DEVICE: Duration = Duration::from_secs(600);
+
+/// How to reach the broker, and what the session keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
     /// The broker, `mqtt://host:port` or `mqtts://host:port`.
@@ -36,6 +39,10 @@ pub struct ConnectOptions {
     pub keep_alive: Duration,
     /// TLS files and credentials.
     pub security: Security,
+    /// How long the session stays subscribed to a device (its responses and presence)
+    /// after the last call to it ended; a later call subscribes again. Bounds what a
+    /// long-lived session (edge-hub's) holds for a fleet it calls.
+    pub idle_device: Duration,
 }
 
 impl ConnectOptions {
@@ -46,6 +53,7 @@ impl ConnectOptions {
             broker,
             keep_alive: Duration::from_secs(30),
             security: Security::default(),
+            idle_device: IDLE_DEVICE,
         }
     }
 }
