@@ -483,11 +483,12 @@ impl BackendSession {
         })
     }
 
-    async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
+    /// Queues a publish on the backend; the session ends if the backend is gone.
+    async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> Step {
         self.client
             .publish(topic, qos, retain, payload)
             .await
-            .is_ok()
+            .map_err(|_| End::BackendLost)
     }
 
     /// Publishes the offline presence (with `reason`) if given, disconnects, and waits
@@ -737,35 +738,23 @@ impl DeviceSession {
     }
 
     async fn set_presence(&self, online: bool, reason: Option<&str>) -> Step {
-        let published = self
-            .backend
+        self.backend
             .publish(
                 self.namespace.presence_topic(),
                 QoS::AtLeastOnce,
                 true,
                 backend::presence_json(online, reason),
             )
-            .await;
-        if published {
-            Ok(())
-        } else {
-            Err(End::BackendLost)
-        }
+            .await
     }
 
     /// Answers a backend request in the device's stead, with one of the host's errors.
     async fn answer_backend(&self, request_id: &str, code: ErrorCode, message: String) -> Step {
         let topic = self.namespace.response_topic(code.status(), request_id);
         let body = ErrorBody::new(code, message).to_json();
-        if self
-            .backend
+        self.backend
             .publish(topic, QoS::AtLeastOnce, false, body)
             .await
-        {
-            Ok(())
-        } else {
-            Err(End::BackendLost)
-        }
     }
 
     async fn on_publish<S: AsyncRead + AsyncWrite + Unpin>(
@@ -786,29 +775,21 @@ impl DeviceSession {
                 return self.refuse(format!("malformed method response topic '{topic}'"));
             };
             let backend_topic = self.namespace.response_topic(status, request_id);
-            if !self
-                .backend
+            self.backend
                 .publish(
                     backend_topic,
                     QoS::AtLeastOnce,
                     false,
                     publish.payload.to_vec(),
                 )
-                .await
-            {
-                return Err(End::BackendLost);
-            }
+                .await?;
         } else if let Some(rest) = topic.strip_prefix("$iothub/twin/") {
             self.on_twin(conn, rest, &publish.payload).await?;
         } else if topic.starts_with(&telemetry) {
             let qos = publish.qos;
-            if !self
-                .backend
+            self.backend
                 .publish(topic.to_owned(), qos, false, publish.payload.to_vec())
-                .await
-            {
-                return Err(End::BackendLost);
-            }
+                .await?;
         } else {
             return self.refuse(format!("publish to '{topic}'"));
         }
