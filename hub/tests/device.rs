@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Attempt, TestHub, connect_device, connect_raw, connect_raw_with, username};
+use common::{
+    Attempt, TestHub, connect_device, connect_raw, connect_raw_with, method_device, username,
+};
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use rumqttc::{ConnectReturnCode, Packet, QoS};
 
@@ -18,8 +20,8 @@ async fn caller(hub: &TestHub) -> Caller {
         .unwrap()
 }
 
-/// Answers every request the raw device gets with 200 and the request's payload.
-async fn answer_one(device: &mut common::RawDevice) -> String {
+/// The next request the raw device gets.
+async fn next_request(device: &mut common::RawDevice) -> rumqttc::Publish {
     let Packet::Publish(request) = device
         .until(|p| matches!(p, Packet::Publish(_)))
         .await
@@ -27,6 +29,11 @@ async fn answer_one(device: &mut common::RawDevice) -> String {
     else {
         unreachable!()
     };
+    request
+}
+
+/// Answers `request` from the raw device with 200 and `payload`.
+async fn answer(device: &mut common::RawDevice, request: &rumqttc::Publish, payload: Vec<u8>) {
     let rid = request.topic.split("$rid=").nth(1).unwrap().to_owned();
     device
         .client
@@ -34,7 +41,7 @@ async fn answer_one(device: &mut common::RawDevice) -> String {
             format!("$iothub/methods/res/200/?$rid={rid}"),
             QoS::AtLeastOnce,
             false,
-            request.payload.to_vec(),
+            payload,
         )
         .await
         .unwrap();
@@ -43,15 +50,19 @@ async fn answer_one(device: &mut common::RawDevice) -> String {
         .until(|p| matches!(p, Packet::PubAck(_)))
         .await
         .unwrap();
+}
+
+/// Answers the next request the raw device gets with 200 and the request's payload.
+async fn answer_one(device: &mut common::RawDevice) -> String {
+    let request = next_request(device).await;
+    answer(device, &request, request.payload.to_vec()).await;
     request.topic
 }
 
 #[tokio::test]
 async fn a_device_on_the_hub_is_called_by_edge_invoker_on_the_backend() {
     let hub = TestHub::start().await.unwrap();
-    let key = hub.add_device("d1");
-    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let mut device = method_device(&hub, "d1").await.unwrap();
     let caller = caller(&hub).await;
     let call = tokio::spawn({
         let caller = caller.clone();
@@ -75,9 +86,7 @@ async fn a_device_on_the_hub_is_called_by_edge_invoker_on_the_backend() {
 #[tokio::test]
 async fn a_device_is_online_on_the_backend_only_while_subscribed_to_methods() {
     let hub = TestHub::start().await.unwrap();
-    let key = hub.add_device("d1");
-    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let mut device = method_device(&hub, "d1").await.unwrap();
     testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
         .await
         .unwrap();
@@ -545,9 +554,7 @@ async fn backend_answer(
 #[tokio::test]
 async fn a_request_the_device_cannot_take_is_answered_by_the_hub_not_dropped() {
     let hub = TestHub::start().await.unwrap();
-    let key = hub.add_device("d1");
-    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let mut device = method_device(&hub, "d1").await.unwrap();
     unsubscribe_methods(&mut device).await;
     let mut backend = testkit::RawClient::connect(
         &hub.broker(),
@@ -570,9 +577,7 @@ async fn a_request_the_device_cannot_take_is_answered_by_the_hub_not_dropped() {
 #[tokio::test]
 async fn a_caller_sends_a_request_that_was_not_delivered_again_once_the_device_is_back() {
     let hub = TestHub::start().await.unwrap();
-    let key = hub.add_device("d1");
-    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let mut device = method_device(&hub, "d1").await.unwrap();
     unsubscribe_methods(&mut device).await;
     testkit::presence(&hub.broker(), "d1", false, Duration::from_secs(5))
         .await
@@ -641,9 +646,7 @@ async fn a_caller_forgets_the_devices_it_has_not_called_for_a_while() {
     let hub = TestHub::start().await.unwrap();
     let mut devices = Vec::new();
     for id in ["d1", "d2"] {
-        let key = hub.add_device(id);
-        let mut device = connect_device(&hub, id, &key).await.unwrap();
-        device.subscribe("$iothub/methods/POST/#").await.unwrap();
+        let device = method_device(&hub, id).await.unwrap();
         testkit::presence(&hub.broker(), id, true, Duration::from_secs(5))
             .await
             .unwrap();
@@ -660,24 +663,11 @@ async fn a_caller_forgets_the_devices_it_has_not_called_for_a_while() {
         let caller = caller.clone();
         async move { caller.call(&CallRequest::new("d1", "ping", "{}")).await }
     });
-    let Packet::Publish(request) = d1.until(|p| matches!(p, Packet::Publish(_))).await.unwrap()
-    else {
-        unreachable!()
-    };
+    let request = next_request(&mut d1).await;
     tokio::time::sleep(idle + idle / 2).await;
     assert_eq!(call_answered(&caller, "d2", &mut d2).await, 200);
     assert_eq!(caller.watched_devices(), 2, "d1's call is still running");
-    let rid = request.topic.split("$rid=").nth(1).unwrap().to_owned();
-    d1.client
-        .publish(
-            format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            false,
-            b"{}".to_vec(),
-        )
-        .await
-        .unwrap();
-    d1.until(|p| matches!(p, Packet::PubAck(_))).await.unwrap();
+    answer(&mut d1, &request, b"{}".to_vec()).await;
     assert_eq!(slow.await.unwrap().unwrap().status, 200);
 
     // Idle past the limit: forgotten at the next call to another device.

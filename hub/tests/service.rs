@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestHub, connect_device, https};
+use common::{TestHub, connect_device, https, method_device};
 use rumqttc::{Packet, QoS};
 use serde_json::json;
 
@@ -71,9 +71,7 @@ async fn a_rest_call_reaches_an_edge_host_on_the_backend() {
 #[tokio::test]
 async fn a_rest_call_reaches_a_device_on_the_hub() {
     let hub = TestHub::start().await.unwrap();
-    let key = hub.add_device("d1");
-    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-    device.subscribe("$iothub/methods/POST/#").await.unwrap();
+    let mut device = method_device(&hub, "d1").await.unwrap();
     testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
         .await
         .unwrap();

@@ -352,6 +352,15 @@ pub async fn connect_device(hub: &TestHub, id: &str, key: &str) -> anyhow::Resul
     }
 }
 
+/// Registers `id`, connects it with its key, and subscribes it to method calls: a
+/// device callers can reach.
+pub async fn method_device(hub: &TestHub, id: &str) -> anyhow::Result<RawDevice> {
+    let key = hub.add_device(id);
+    let mut device = connect_device(hub, id, &key).await?;
+    device.subscribe("$iothub/methods/POST/#").await?;
+    Ok(device)
+}
+
 pub fn username(id: &str) -> String {
     format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=test")
 }
