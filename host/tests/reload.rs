@@ -699,7 +699,7 @@ async fn a_catalog_with_huge_texts_is_cut_to_fit_and_the_device_stays_online() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_host_does_not_read_its_handler_files_again_and_again() {
-    use notify_debouncer_full::notify::{self, EventKind, RecursiveMode, Watcher as _};
+    use notify::{EventKind, RecursiveMode, Watcher as _};
     let setup = setup(&["echo"]).await;
     // A reload (the start's load happens before the watch begins): swapped and
     // serving, so whatever reading the swap did is over.
