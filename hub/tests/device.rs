@@ -36,18 +36,7 @@ async fn next_request(device: &mut common::RawDevice) -> rumqttc::Publish {
 async fn answer(device: &mut common::RawDevice, request: &rumqttc::Publish, payload: Vec<u8>) {
     let rid = request.topic.split("$rid=").nth(1).unwrap().to_owned();
     device
-        .client
-        .publish(
-            format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            false,
-            payload,
-        )
-        .await
-        .unwrap();
-    // The event loop sends what was queued only while polled.
-    device
-        .until(|p| matches!(p, Packet::PubAck(_)))
+        .publish_acked(&format!("$iothub/methods/res/200/?$rid={rid}"), payload)
         .await
         .unwrap();
 }
@@ -331,20 +320,12 @@ async fn telemetry_reaches_the_backend_under_the_devices_topic() {
         testkit::RawClient::connect(&hub.broker(), &["devices/d1/messages/events/#".to_owned()])
             .await
             .unwrap();
-    let device = connect_device(&hub, "d1", &key).await.unwrap();
-    let mut device = device;
+    let mut device = connect_device(&hub, "d1", &key).await.unwrap();
     device
-        .client
-        .publish(
+        .publish_acked(
             "devices/d1/messages/events/%24.ct=application%2Fjson",
-            QoS::AtLeastOnce,
-            false,
             br#"{"t":21.5}"#.to_vec(),
         )
-        .await
-        .unwrap();
-    device
-        .until(|p| matches!(p, Packet::PubAck(_)))
         .await
         .unwrap();
     let (topic, payload) = listener
@@ -512,19 +493,6 @@ async fn a_device_with_a_certificate_signed_by_a_registered_ca_connects_by_its_c
     hub.stop().await;
 }
 
-/// Unsubscribes the raw device from method calls and waits for the UNSUBACK.
-async fn unsubscribe_methods(device: &mut common::RawDevice) {
-    device
-        .client
-        .unsubscribe("$iothub/methods/POST/#")
-        .await
-        .unwrap();
-    device
-        .until(|p| matches!(p, Packet::UnsubAck(_)))
-        .await
-        .unwrap();
-}
-
 /// Publishes a request for `method` to d1 on the backend, as a caller does, and returns
 /// the status and error code of the answer to `rid`.
 async fn backend_answer(
@@ -555,7 +523,7 @@ async fn backend_answer(
 async fn a_request_the_device_cannot_take_is_answered_by_the_hub_not_dropped() {
     let hub = TestHub::start().await.unwrap();
     let mut device = method_device(&hub, "d1").await.unwrap();
-    unsubscribe_methods(&mut device).await;
+    device.unsubscribe("$iothub/methods/POST/#").await.unwrap();
     let mut backend = testkit::RawClient::connect(
         &hub.broker(),
         &["devices/d1/$iothub/methods/res/#".to_owned()],
@@ -578,7 +546,7 @@ async fn a_request_the_device_cannot_take_is_answered_by_the_hub_not_dropped() {
 async fn a_caller_sends_a_request_that_was_not_delivered_again_once_the_device_is_back() {
     let hub = TestHub::start().await.unwrap();
     let mut device = method_device(&hub, "d1").await.unwrap();
-    unsubscribe_methods(&mut device).await;
+    device.unsubscribe("$iothub/methods/POST/#").await.unwrap();
     testkit::presence(&hub.broker(), "d1", false, Duration::from_secs(5))
         .await
         .unwrap();

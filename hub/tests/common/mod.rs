@@ -375,6 +375,23 @@ impl RawDevice {
         Ok(())
     }
 
+    /// Unsubscribes and waits for the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) -> anyhow::Result<()> {
+        self.client.unsubscribe(filter).await?;
+        self.until(|p| matches!(p, Packet::UnsubAck(_))).await?;
+        Ok(())
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK (the event loop sends what was
+    /// queued only while polled).
+    pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await?;
+        self.until(|p| matches!(p, Packet::PubAck(_))).await?;
+        Ok(())
+    }
+
     /// Polls until a packet matches `want`, for up to 10 s.
     pub async fn until(&mut self, want: impl Fn(&Packet) -> bool) -> anyhow::Result<Packet> {
         tokio::time::timeout(Duration::from_secs(10), async {
