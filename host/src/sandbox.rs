@@ -64,6 +64,15 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// How long a handler may take to list its methods when it is loaded.
 const LOAD_DEADLINE: Duration = Duration::from_secs(2);
 
+/// The pauses before each new attempt to make a component's memory images, when the
+/// kernel refuses to seal one as busy (see [`make_memory_images`]).
+const IMAGE_RETRY_WAITS: [Duration; 4] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+];
+
 /// The smallest component built by the baseline compiler first. Cranelift compiles a
 /// component of this size in about a tenth of a second (a Rust handler is 40-110 KB);
 /// the components of interpreted languages (12-18 MB, the interpreter inside) take
@@ -337,6 +346,7 @@ fn prepare(
     };
     let pre = DeviceHandlerPre::new(pre)
         .context("the component does not implement the edge:methods handler world")?;
+    make_memory_images(component)?;
     let methods = list_methods(&compiler.engine, &pre, &context)
         .context("listing the handler's methods failed")?;
     check_methods(&methods)?;
@@ -348,6 +358,45 @@ fn prepare(
         context,
         methods,
         warm: Mutex::new(Vec::new()),
+    })
+}
+
+/// Makes `component`'s copy-on-write memory images now rather than in its first
+/// instantiation, retrying while the kernel refuses to seal one as busy.
+///
+/// On Linux wasmtime copies a compiled (not cached) component's initial memories into
+/// memfds and seals them read-only. Sealing against writes waits up to about 150 ms
+/// for the kernel's transient references to the new pages to go, then fails with
+/// EBUSY: on this project's 2-core VMs about one 12 MB image in a thousand, and a
+/// Python handler failed to load in CI for it. A failed attempt keeps nothing, and the
+/// next one (after [`IMAGE_RETRY_WAITS`]) has succeeded every time it was tried.
+fn make_memory_images(component: &Component) -> wasmtime::Result<()> {
+    let mut waits = IMAGE_RETRY_WAITS.iter();
+    loop {
+        let error = match component.initialize_copy_on_write_image() {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        match waits.next() {
+            Some(wait) if is_busy(&error) => {
+                tracing::warn!(
+                    error = %error.root_cause(),
+                    retry_in_ms = wait.as_millis(),
+                    "the kernel refused to seal a memory image of the handler (busy); trying again"
+                );
+                std::thread::sleep(*wait);
+            }
+            _ => return Err(error.context("making the handler's initial memory images failed")),
+        }
+    }
+}
+
+/// Whether `error` comes from an OS call that failed with EBUSY, at any depth.
+fn is_busy(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ResourceBusy)
     })
 }
 
@@ -1118,6 +1167,34 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose cause is an OS error, as the memfd crate's are.
+    #[derive(Debug)]
+    struct Sealing(std::io::Error);
+
+    impl std::fmt::Display for Sealing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("cannot add seals to the memfd")
+        }
+    }
+
+    impl std::error::Error for Sealing {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_busy_os_error_is_found_under_the_errors_that_wrap_it() {
+        let busy = std::io::Error::from_raw_os_error(16);
+        let error = wasmtime::Error::new(Sealing(busy)).context("making an image");
+        assert!(is_busy(&error), "{error:?}");
+
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let error = wasmtime::Error::new(Sealing(denied)).context("making an image");
+        assert!(!is_busy(&error), "{error:?}");
+        assert!(!is_busy(&wasmtime::format_err!("a trap")));
+    }
 
     #[test]
     fn the_fallback_engine_for_kernels_without_pagemap_scan_builds() {
