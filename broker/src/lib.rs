@@ -1,10 +1,13 @@
 //! edge-broker: the embedded MQTT 3.1.1 broker that `edge-host` and `edge-hub` run when
 //! no `--broker` is given, so that one command serves a whole machine.
 //!
-//! It runs on a thread of its own, with one event loop (a single-threaded Tokio runtime)
-//! for every connection, as Mosquitto does: a message read from one client is routed and
-//! written to its subscribers on that same thread, so a call through it wakes no other
-//! thread. Every accepted socket has `TCP_NODELAY`.
+//! It runs one event loop (a single-threaded Tokio runtime) for every connection, as
+//! Mosquitto does: a message read from one client is routed and written to its
+//! subscribers on that same thread, so a call through it wakes no other thread. That
+//! loop is a thread of its own ([`start`], as edge-host runs it), or the loop of a
+//! program that runs on one thread ([`bind`], as edge-hub does by default, so that
+//! what the hub relays to the broker and back stays on its thread). Every accepted
+//! socket has `TCP_NODELAY`.
 //!
 //! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
 //! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
@@ -67,6 +70,48 @@ pub struct Running {
 /// When `listen` cannot be bound (another broker may already be there), or the thread
 /// cannot be started.
 pub fn start(listen: SocketAddr) -> Result<Running, StartError> {
+    let bound = bind(listen)?;
+    let running = bound.running.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Thread)?;
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, bound.serve());
+        })
+        .map_err(StartError::Thread)?;
+    Ok(running)
+}
+
+/// A broker bound to its address, serving once [`Bound::serve`] runs: on a thread of
+/// its own ([`start`]), or on the event loop of a program that runs on one thread, so
+/// that what passes between that program and the broker wakes no other thread.
+#[derive(Debug)]
+pub struct Bound {
+    /// Where it listens.
+    pub running: Running,
+    listener: std::net::TcpListener,
+}
+
+impl Bound {
+    /// Serves for ever. Every connection is a task of its own spawned with
+    /// `spawn_local`: run this inside a `tokio::task::LocalSet` (one made with a
+    /// current-thread runtime, for one event loop).
+    pub async fn serve(self) {
+        tracing::info!(addr = %self.running.addr, "embedded broker listening");
+        accept(self.listener).await;
+    }
+}
+
+/// Binds `listen` for a broker that [`Bound::serve`] will run; connections made
+/// before that wait in the listen backlog.
+///
+/// # Errors
+/// When `listen` cannot be bound (another broker may already be there).
+pub fn bind(listen: SocketAddr) -> Result<Bound, StartError> {
     let listener = std::net::TcpListener::bind(listen)
         .and_then(|listener| {
             listener.set_nonblocking(true)?;
@@ -76,26 +121,17 @@ pub fn start(listen: SocketAddr) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { listen, source })?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Thread)?;
-    std::thread::Builder::new()
-        .name("embedded-broker".into())
-        .spawn(move || {
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, accept(listener));
-        })
-        .map_err(StartError::Thread)?;
-    tracing::info!(%addr, "embedded broker listening");
     let host = match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => "::1".to_owned(),
         ip => ip.to_string(),
     };
-    Ok(Running {
-        addr,
-        url: BrokerUrl::tcp(host, addr.port()),
+    Ok(Bound {
+        running: Running {
+            addr,
+            url: BrokerUrl::tcp(host, addr.port()),
+        },
+        listener,
     })
 }
 

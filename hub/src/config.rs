@@ -22,6 +22,10 @@ pub struct Config {
     pub broker: Option<BrokerUrl>,
     /// Where the embedded broker listens.
     pub listen: SocketAddr,
+    /// Whether the embedded broker runs on the hub's own event loop rather than on a
+    /// thread of its own: for a hub on a current-thread runtime, which must then call
+    /// [`crate::Hub::start`] inside a `tokio::task::LocalSet`.
+    pub broker_on_hub_thread: bool,
     /// TLS files and credentials for the backend broker.
     pub backend_security: Security,
     /// A server certificate chain (PEM) to use instead of the local CA's.
@@ -48,6 +52,7 @@ impl Default for Config {
             https_listen: parse_default(DEFAULT_HTTPS_LISTEN),
             broker: None,
             listen: parse_default(DEFAULT_LISTEN),
+            broker_on_hub_thread: false,
             backend_security: Security::default(),
             cert_file: None,
             key_file: None,

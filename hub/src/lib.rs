@@ -83,6 +83,10 @@ impl Hub {
     /// # Errors
     /// When the data folder, the certificates or a listener cannot be set up, or the
     /// backend broker cannot be reached.
+    ///
+    /// # Panics
+    /// With [`Config::broker_on_hub_thread`] and no broker given, when not called
+    /// inside a `tokio::task::LocalSet`.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let registry = Registry::open(&config.data_dir)?;
         let identity = match (&config.cert_file, &config.key_file) {
@@ -100,6 +104,12 @@ impl Hub {
         let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"], false)?);
         let broker = match &config.broker {
             Some(url) => url.clone(),
+            None if config.broker_on_hub_thread => {
+                let bound = edge_broker::bind(config.listen)?;
+                let url = bound.running.url.clone();
+                tokio::task::spawn_local(bound.serve());
+                url
+            }
             None => edge_broker::start(config.listen)?.url,
         };
         let backend = backend::Backend {

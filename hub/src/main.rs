@@ -19,9 +19,14 @@ fn main() -> ExitCode {
     let config = cli.config();
     let result = match &cli.command {
         Some(command) => execute(&config, command, &mut std::io::stdout().lock()),
-        None => runtime(cli.threads)
+        None => runtime(cli.threads())
             .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(edge_hub::run(config, shutdown_signal()))),
+            .and_then(|runtime| {
+                // The embedded broker's connections are local tasks when it runs on the
+                // hub's thread (Config::broker_on_hub_thread); otherwise the set holds none.
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, edge_hub::run(config, shutdown_signal()))
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -33,10 +38,7 @@ fn main() -> ExitCode {
 }
 
 /// The runtime the hub runs on: one thread, or a pool of `threads` workers (one per
-/// CPU by default). One thread was measured too (`edge-bench hub`, quiet machine,
-/// 2 CPUs): it took less CPU per call but answered no sooner, and a device relayed
-/// through it later (1.9x the direct path at p50 against 1.4-1.5x), so it is not the
-/// default.
+/// CPU when `None`).
 fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),

@@ -13,6 +13,7 @@ use common::{
 };
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use rumqttc::{ConnectReturnCode, Packet, QoS};
+use serde_json::json;
 
 async fn caller(hub: &TestHub) -> Caller {
     Caller::connect(ConnectOptions::new(hub.broker()))
@@ -70,6 +71,52 @@ async fn a_device_on_the_hub_is_called_by_edge_invoker_on_the_backend() {
     assert_eq!(response.status, 200);
     assert_eq!(response.payload.to_value(), serde_json::json!({"n":42}));
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn on_one_event_loop_with_its_broker_the_hub_relays_calls_from_the_backend_and_its_api() {
+    let local = tokio::task::LocalSet::new();
+    let broker = local
+        .run_until(async {
+            let hub = TestHub::start_embedded().await.unwrap();
+            let mut device = method_device(&hub, "d1").await.unwrap();
+            testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let caller = caller(&hub).await;
+            let call = tokio::spawn({
+                let caller = caller.clone();
+                async move { caller.call(&CallRequest::new("d1", "ping", "[1]")).await }
+            });
+            answer_one(&mut device).await;
+            let response = call.await.unwrap().unwrap();
+            assert_eq!(
+                (response.status, response.payload.to_value()),
+                (200, json!([1]))
+            );
+
+            let body = json!({"methodName": "ping", "payload": {"n": 2}});
+            let rest = tokio::spawn({
+                let (addr, ca, token) =
+                    (hub.hub.https_addr, hub.ca(), hub.service_token("service"));
+                async move {
+                    let path = "/twins/d1/methods?api-version=2021-04-12";
+                    common::https(addr, &ca, "POST", path, Some(&token), Some(&body), &[]).await
+                }
+            });
+            answer_one(&mut device).await;
+            let answer = rest.await.unwrap().unwrap();
+            assert_eq!(answer, (200, json!({"status": 200, "payload": {"n": 2}})));
+            caller.disconnect().await;
+            let broker = hub.hub.broker.clone();
+            hub.stop().await;
+            broker
+        })
+        .await;
+    // The broker was a task of the set: gone with it, not running on a thread of its own.
+    drop(local);
+    let refused = tokio::net::TcpStream::connect((broker.host.as_str(), broker.port)).await;
+    assert!(refused.is_err(), "the broker still listens on {broker}");
 }
 
 #[tokio::test]

@@ -80,6 +80,33 @@ impl TestHub {
             broker: Some(broker),
             ..Config::default()
         };
+        Self::launch(config, data, mosquitto).await
+    }
+
+    /// A hub on free loopback ports with its embedded broker on its own event loop,
+    /// as `edge-hub` runs by default: call it inside a `LocalSet`, on a current-thread
+    /// runtime, and the broker lives as long as the set.
+    pub async fn start_embedded() -> anyhow::Result<Self> {
+        testkit::init_logging();
+        let data = tempfile::tempdir()?;
+        let config = Config {
+            data_dir: data.path().to_owned(),
+            hostname: "localhost".into(),
+            mqtts_listen: loopback(testkit::free_port()?),
+            https_listen: loopback(testkit::free_port()?),
+            broker: None,
+            listen: loopback(testkit::free_port()?),
+            broker_on_hub_thread: true,
+            ..Config::default()
+        };
+        Self::launch(config, data, None).await
+    }
+
+    async fn launch(
+        config: Config,
+        data: TempDir,
+        mosquitto: Option<testkit::Mosquitto>,
+    ) -> anyhow::Result<Self> {
         let hub = Hub::start(config.clone()).await?;
         Ok(Self {
             hub,
