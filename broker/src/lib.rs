@@ -4,10 +4,10 @@
 //! It runs one event loop (a single-threaded Tokio runtime) for every connection, as
 //! Mosquitto does: a message read from one client is routed and written to its
 //! subscribers on that same thread, so a call through it wakes no other thread. That
-//! loop is a thread of its own ([`start`], as edge-host runs it), or the loop of a
-//! program that runs on one thread ([`bind`], as edge-hub does by default, so that
-//! what the hub relays to the broker and back stays on its thread). Every accepted
-//! socket has `TCP_NODELAY`.
+//! loop is a thread of its own ([`start`]), or the loop of a program that runs on one
+//! thread ([`start_here`]): edge-host and edge-hub run it on theirs by default, so that what
+//! passes between them and the broker stays on that thread. Every accepted socket has
+//! `TCP_NODELAY`.
 //!
 //! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
 //! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
@@ -86,13 +86,27 @@ pub fn start(listen: SocketAddr) -> Result<Running, StartError> {
     Ok(running)
 }
 
+/// Binds `listen` and starts the broker on the calling thread's event loop, as tasks
+/// of the `tokio::task::LocalSet` it runs in; it serves as long as that set runs.
+///
+/// # Errors
+/// When `listen` cannot be bound (another broker may already be there).
+///
+/// # Panics
+/// When not called inside a `LocalSet`.
+pub fn start_here(listen: SocketAddr) -> Result<Running, StartError> {
+    let bound = bind(listen)?;
+    let running = bound.running.clone();
+    tokio::task::spawn_local(bound.serve());
+    Ok(running)
+}
+
 /// A broker bound to its address, serving once [`Bound::serve`] runs: on a thread of
-/// its own ([`start`]), or on the event loop of a program that runs on one thread, so
-/// that what passes between that program and the broker wakes no other thread.
+/// its own ([`start`]), or on the caller's event loop ([`start_here`]).
 #[derive(Debug)]
-pub struct Bound {
+struct Bound {
     /// Where it listens.
-    pub running: Running,
+    running: Running,
     listener: std::net::TcpListener,
 }
 
@@ -100,7 +114,7 @@ impl Bound {
     /// Serves for ever. Every connection is a task of its own spawned with
     /// `spawn_local`: run this inside a `tokio::task::LocalSet` (one made with a
     /// current-thread runtime, for one event loop).
-    pub async fn serve(self) {
+    async fn serve(self) {
         tracing::info!(addr = %self.running.addr, "embedded broker listening");
         accept(self.listener).await;
     }
@@ -111,7 +125,7 @@ impl Bound {
 ///
 /// # Errors
 /// When `listen` cannot be bound (another broker may already be there).
-pub fn bind(listen: SocketAddr) -> Result<Bound, StartError> {
+fn bind(listen: SocketAddr) -> Result<Bound, StartError> {
     let listener = std::net::TcpListener::bind(listen)
         .and_then(|listener| {
             listener.set_nonblocking(true)?;

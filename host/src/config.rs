@@ -46,6 +46,12 @@ pub struct Config {
     pub password_file: Option<PathBuf>,
     /// Where the embedded broker listens (loopback unless set otherwise).
     pub listen: SocketAddr,
+    /// Whether the embedded broker runs on the host's own event loop rather than on a
+    /// thread of its own: for a host on one thread, which must then call
+    /// [`crate::run`] inside a `tokio::task::LocalSet`. The binary sets it with
+    /// `--threads 1` (the default); not a setting of the config file.
+    #[serde(skip)]
+    pub broker_on_host_thread: bool,
     /// The topic namespace template; `{device-id}` stands for the device id.
     pub namespace: String,
     /// Where compiled handler code is cached; unset means the user's cache folder
@@ -84,6 +90,7 @@ impl Default for Config {
             username: None,
             password_file: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            broker_on_host_thread: false,
             namespace: edge_proto::topic::DEFAULT_NAMESPACE.to_owned(),
             cache_dir: None,
             cache: true,

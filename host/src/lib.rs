@@ -145,6 +145,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None => Link::Broker {
             broker: match &config.broker {
                 Some(url) => url.clone(),
+                None if config.broker_on_host_thread => edge_broker::start_here(config.listen)?.url,
                 None => edge_broker::start(config.listen)?.url,
             },
             device_id: device_id.clone(),

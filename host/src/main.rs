@@ -228,12 +228,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = args.into_config().and_then(|config| {
-        runtime(config.threads)?.block_on(async {
+    let result = args.into_config().and_then(|mut config| {
+        let one_thread = config.threads.get() == 1;
+        // On one thread the embedded broker runs on the host's event loop: a call then
+        // crosses from the caller to the host and back, waking no thread in between.
+        config.broker_on_host_thread = one_thread;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime(config.threads)?, async {
+            let run = edge_host::run(config, shutdown_signal());
+            if one_thread {
+                return run.await.map(|_report| ());
+            }
             // On a pool, the host runs as a task on a worker thread, not on the main
             // thread that block_on polls: that one would be woken through the worker
             // that took the socket event, an extra thread hop on every call.
-            tokio::spawn(edge_host::run(config, shutdown_signal()))
+            tokio::spawn(run)
                 .await
                 .map_err(|e| anyhow::anyhow!("the host task failed: {e}"))?
                 .map(|_report| ())

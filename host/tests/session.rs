@@ -359,3 +359,57 @@ async fn threads_zero_is_refused_and_a_pool_of_workers_serves_as_one_event_loop_
         assert_eq!(response.status, status, "{response:?}");
     }
 }
+
+/// The names of `child`'s threads, from `/proc`.
+fn thread_names(child: &ChildGuard) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).expect("/proc");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_its_embedded_broker_the_host_serves_with_the_broker_on_its_own_event_loop() {
+    testkit::init_logging();
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    for (threads, broker_thread) in [("1", false), ("2", true)] {
+        let listen = format!("127.0.0.1:{}", testkit::free_port().expect("a port"));
+        let host = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_edge-host"))
+                .args([
+                    "--device-id",
+                    "own-broker",
+                    "--no-cache",
+                    "--listen",
+                    &listen,
+                ])
+                .args(["--threads", threads])
+                .arg("--handlers")
+                .arg(handlers.path())
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null()),
+        )
+        .expect("edge-host starts");
+        let broker: edge_proto::BrokerUrl = format!("mqtt://{listen}").parse().expect("a url");
+        presence(&broker, "own-broker", true, Duration::from_secs(30))
+            .await
+            .expect("online on its own broker");
+        let caller = Caller::connect(ConnectOptions::new(broker))
+            .await
+            .expect("caller");
+        let response = caller
+            .call(&CallRequest::new("own-broker", "echo", r#"{"n":1}"#))
+            .await
+            .expect("answered");
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.payload.to_value(), serde_json::json!({"n":1}));
+        let names = thread_names(&host);
+        assert_eq!(
+            names.iter().any(|name| name == "embedded-broker"),
+            broker_thread,
+            "--threads {threads}: the broker has a thread of its own only with a pool: {names:?}"
+        );
+        caller.disconnect().await;
+    }
+}

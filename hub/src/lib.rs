@@ -104,12 +104,7 @@ impl Hub {
         let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"], false)?);
         let broker = match &config.broker {
             Some(url) => url.clone(),
-            None if config.broker_on_hub_thread => {
-                let bound = edge_broker::bind(config.listen)?;
-                let url = bound.running.url.clone();
-                tokio::task::spawn_local(bound.serve());
-                url
-            }
+            None if config.broker_on_hub_thread => edge_broker::start_here(config.listen)?.url,
             None => edge_broker::start(config.listen)?.url,
         };
         let backend = backend::Backend {
