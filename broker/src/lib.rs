@@ -5,9 +5,9 @@
 //! Mosquitto does: a message read from one client is routed and written to its
 //! subscribers on that same thread, so a call through it wakes no other thread. That
 //! loop is a thread of its own ([`start`]), or the loop of a program that runs on one
-//! thread ([`start_here`]): edge-host and edge-hub run it on theirs by default, so that what
-//! passes between them and the broker stays on that thread. Every accepted socket has
-//! `TCP_NODELAY`.
+//! thread ([`start_here`]): edge-host and edge-hub run it on theirs by default, so
+//! that what passes between them and the broker stays on that thread. Every accepted
+//! socket has `TCP_NODELAY`.
 //!
 //! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
 //! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
