@@ -164,8 +164,9 @@ fn run(flags: &[String]) -> anyhow::Result<()> {
 }
 
 /// Builds the handlers, edge-hub and edge-host; runs edge-hub (devices on 8883, the
-/// service API on 127.0.0.1:8443, the embedded broker on 127.0.0.1:1883) and edge-host
-/// `my-device` on that broker, until both stop (Ctrl-C stops both).
+/// service API on 127.0.0.1:8443, the embedded broker on 127.0.0.1:1883 unless `flags`
+/// say otherwise) and edge-host `my-device` on that broker, until both stop (Ctrl-C
+/// stops both).
 fn hub(flags: &[String]) -> anyhow::Result<()> {
     let handlers = build_handlers()?;
     check(
@@ -180,7 +181,7 @@ fn hub(flags: &[String]) -> anyhow::Result<()> {
         .args(flags)
         .spawn()
         .context("running edge-hub")?;
-    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 1883));
+    let broker = listen_flag(flags)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::net::TcpStream::connect(broker).is_err() {
         if std::time::Instant::now() > deadline || hub.try_wait()?.is_some() {
@@ -194,7 +195,7 @@ fn hub(flags: &[String]) -> anyhow::Result<()> {
             "--device-id",
             "my-device",
             "--broker",
-            "mqtt://127.0.0.1:1883",
+            &format!("mqtt://{broker}"),
             "--handlers",
         ])
         .arg(&handlers)
@@ -212,6 +213,27 @@ fn hub(flags: &[String]) -> anyhow::Result<()> {
     let hub_status = hub.wait()?;
     let _ = host.wait();
     check(hub_status, "edge-hub")
+}
+
+/// Where edge-hub's embedded broker listens given the hub's `flags`: `--listen ADDR`
+/// (or `--listen=ADDR`), else `EDGE_LISTEN`, else 127.0.0.1:1883.
+fn listen_flag(flags: &[String]) -> anyhow::Result<std::net::SocketAddr> {
+    let given = flags
+        .iter()
+        .position(|flag| flag == "--listen")
+        .and_then(|at| flags.get(at + 1).cloned())
+        .or_else(|| {
+            flags
+                .iter()
+                .find_map(|flag| flag.strip_prefix("--listen=").map(str::to_owned))
+        })
+        .or_else(|| std::env::var("EDGE_LISTEN").ok());
+    match given {
+        Some(addr) => addr
+            .parse()
+            .with_context(|| format!("--listen {addr}: not an address such as 127.0.0.1:1883")),
+        None => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], 1883))),
+    }
 }
 
 /// Makes sure Mosquitto is there, then runs the test suite.
@@ -379,6 +401,24 @@ fn check(status: std::process::ExitStatus, what: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hubs_broker_address_is_read_from_its_listen_flag() {
+        let flags = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        let addr = |a: &str| a.parse::<std::net::SocketAddr>().expect("an address");
+        let spaced = flags(&["--data-dir", "/tmp/d", "--listen", "127.0.0.1:21883"]);
+        assert_eq!(
+            listen_flag(&spaced).expect("parses"),
+            addr("127.0.0.1:21883")
+        );
+        let joined = flags(&["--listen=127.0.0.1:21884"]);
+        assert_eq!(
+            listen_flag(&joined).expect("parses"),
+            addr("127.0.0.1:21884")
+        );
+        let error = listen_flag(&flags(&["--listen", "nowhere"])).expect_err("not an address");
+        assert!(error.to_string().contains("nowhere"), "{error}");
+    }
 
     #[test]
     fn the_wasm_target_is_found_only_as_a_whole_line_of_rustups_list() {
