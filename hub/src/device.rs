@@ -827,7 +827,13 @@ impl DeviceSession {
             "PATCH/properties/reported" => {
                 match serde_json::from_slice::<serde_json::Value>(payload) {
                     Ok(serde_json::Value::Object(patch)) => {
-                        match self.devices.registry.patch_reported(&self.id, &patch) {
+                        let id = self.id.clone();
+                        let patched = self
+                            .devices
+                            .registry
+                            .off_loop(move |registry| registry.patch_reported(&id, &patch))
+                            .await;
+                        match patched {
                             Ok(version) => (204, Some(version), Vec::new()),
                             Err(e) => {
                                 warn!(device = %self.id, error = %e, "twin patch failed");

@@ -181,9 +181,16 @@ type Stamp = (SystemTime, u64, u64);
 
 /// The registry, shared by the device endpoint, the service API and the CLI.
 /// Clones share one in-memory copy.
+///
+/// A change holds the in-memory copy's lock only for moments, never across the file
+/// lock or the disk: readers (every service call checks its token against the
+/// registry's generation) never wait for a write. Changes wait for one another, in
+/// this process through `writing`, across instances through [`LOCK_FILE`].
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Mutex<Inner>>,
+    writing: Arc<Mutex<()>>,
+    path: PathBuf,
 }
 
 struct Inner {
@@ -218,7 +225,7 @@ impl Registry {
         } else {
             // Two instances starting on a new folder at once: one makes the file, the
             // other reads it, rather than each writing policies of its own.
-            let _locked = inner.lock_file()?;
+            let _locked = lock_file(&inner.path)?;
             if inner.path.exists() {
                 inner.reload()?;
             } else {
@@ -227,13 +234,15 @@ impl Registry {
             }
         }
         Ok(Self {
+            path: inner.path.clone(),
             inner: Arc::new(Mutex::new(inner)),
+            writing: Arc::default(),
         })
     }
 
     /// The registry file's path.
     pub fn path(&self) -> PathBuf {
-        self.lock().path.clone()
+        self.path.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -249,19 +258,47 @@ impl Registry {
 
     /// Runs `f` on the current document and writes it back if `f` succeeds, holding
     /// the cross-process lock throughout, so that no other process's change comes
-    /// between reading the file and writing it.
+    /// between reading the file and writing it. Readers see the document before the
+    /// change until it is on disk.
     fn change<T>(
         &self,
         f: impl FnOnce(&mut Document) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        let mut inner = self.lock();
-        let _locked = inner.lock_file()?;
-        inner.refresh()?;
-        let mut doc = inner.doc.clone();
+        let _writer = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let _locked = lock_file(&self.path)?;
+        let mut doc = {
+            let mut inner = self.lock();
+            inner.refresh()?;
+            inner.doc.clone()
+        };
         let out = f(&mut doc)?;
+        write_file(&self.path, &doc)?;
+        let mut inner = self.lock();
+        inner.seen = stamp(&self.path);
         inner.doc = doc;
-        inner.save()?;
+        inner.generation += 1;
         Ok(out)
+    }
+
+    /// Runs `change`, a change of the registry, on a blocking thread. A change waits
+    /// for the file lock (another instance may hold it) and for the disk (an fsync),
+    /// and the thread that awaits this may be the event loop serving every connection
+    /// (the hub's default, with its embedded broker).
+    ///
+    /// # Errors
+    /// As `change`, or when the blocking thread could not run it to the end.
+    pub async fn off_loop<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let registry = self.clone();
+        tokio::task::spawn_blocking(move || change(&registry))
+            .await
+            .unwrap_or_else(|error| {
+                Err(RegistryError::Io(anyhow::anyhow!(
+                    "the registry change did not finish: {error}"
+                )))
+            })
     }
 
     /// A number that changes whenever the registry does (here or on disk), so that
@@ -503,40 +540,60 @@ impl Registry {
     }
 }
 
+/// Takes the exclusive advisory lock on [`LOCK_FILE`] beside the registry at
+/// `registry`, waiting for another process that holds it; it is released when the
+/// returned file is dropped.
+fn lock_file(registry: &Path) -> anyhow::Result<std::fs::File> {
+    let path = registry.with_file_name(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the registry's lock file {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(file)
+}
+
+/// The identity of the file at `path` (see [`Stamp`]), if it is there.
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, inode, meta.len()))
+}
+
+/// Writes `doc` to `path` atomically: a new file, synced, renamed into place.
+fn write_file(path: &Path, doc: &Document) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(doc).context("serializing the registry")?;
+    let tmp = path.with_file_name(format!(".{FILE}.{:08x}.tmp", rand::random::<u32>()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
 impl Inner {
-    /// Takes the exclusive advisory lock on [`LOCK_FILE`], waiting for another process
-    /// that holds it; it is released when the returned file is dropped.
-    fn lock_file(&self) -> anyhow::Result<std::fs::File> {
-        let path = self.path.with_file_name(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open the registry's lock file {}", path.display()))?;
-        file.lock()
-            .with_context(|| format!("cannot lock {}", path.display()))?;
-        Ok(file)
-    }
-
-    fn modified(&self) -> Option<Stamp> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Some((meta.modified().ok()?, inode, meta.len()))
-    }
-
     fn refresh(&mut self) -> anyhow::Result<()> {
-        if self.modified() != self.seen {
+        if stamp(&self.path) != self.seen {
             self.reload()?;
         }
         Ok(())
     }
 
     fn reload(&mut self) -> anyhow::Result<()> {
-        let seen = self.modified();
+        let seen = stamp(&self.path);
         let text = std::fs::read_to_string(&self.path)
             .with_context(|| format!("cannot read the registry {}", self.path.display()))?;
         self.doc = serde_json::from_str(&text)
@@ -547,22 +604,8 @@ impl Inner {
     }
 
     fn save(&mut self) -> anyhow::Result<()> {
-        let text = serde_json::to_string_pretty(&self.doc).context("serializing the registry")?;
-        let tmp = self
-            .path
-            .with_file_name(format!(".{FILE}.{:08x}.tmp", rand::random::<u32>()));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
-        }
-        self.seen = self.modified();
+        write_file(&self.path, &self.doc)?;
+        self.seen = stamp(&self.path);
         self.generation += 1;
         Ok(())
     }
@@ -669,7 +712,46 @@ fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn a_change_waiting_for_the_file_lock_keeps_no_reader_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("opens");
+        registry.add_device("d1", (None, None), None).expect("adds");
+        // Another instance holds the file lock, as while it writes.
+        let other = lock_file(&registry.path()).expect("locks");
+        let writer = std::thread::spawn({
+            let registry = registry.clone();
+            move || registry.add_device("d2", (None, None), None)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!writer.is_finished(), "the change waits for the file lock");
+        let (read, answered) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let registry = registry.clone();
+            move || {
+                read.send(registry.devices().map(|devices| devices.len()))
+                    .ok()
+            }
+        });
+        let seen = answered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a read does not wait for the change");
+        assert_eq!(
+            seen.expect("reads"),
+            1,
+            "the read sees the registry before the change"
+        );
+        drop(other);
+        writer
+            .join()
+            .expect("joins")
+            .expect("the change goes through");
+        assert!(registry.contains_device("d2").expect("reads"));
+    }
 
     #[test]
     fn a_new_registry_has_iot_hubs_policies_and_survives_reopening() {

@@ -474,38 +474,39 @@ async fn put_device(
             )));
         }
     };
-    let if_match = headers.get("if-match").and_then(|v| v.to_str().ok());
+    let if_match = headers
+        .get("if-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let keys = (key("primaryKey"), key("secondaryKey"));
+    // Only a request that names an authentication type changes it.
+    let x509_ca = auth_type.map(|t| t == "certificateAuthority");
     let device = service
         .registry
-        .put_device(
-            &id,
-            (key("primaryKey"), key("secondaryKey")),
-            status,
-            if_match,
-        )
+        .off_loop({
+            let id = id.clone();
+            move |registry| {
+                let device = registry.put_device(&id, keys, status, if_match.as_deref())?;
+                let x509_ca = x509_ca.filter(|ca| *ca != device.x509_ca);
+                if thumbprints.is_none() && x509_ca.is_none() {
+                    return Ok(Some(device));
+                }
+                if let Some(thumbprints) = thumbprints {
+                    registry.set_thumbprints(&id, thumbprints)?;
+                }
+                if let Some(x509_ca) = x509_ca {
+                    registry.set_x509_ca(&id, x509_ca)?;
+                }
+                Ok(None)
+            }
+        })
+        .await
         .map_err(registry_error)?;
-    // Only a request that names an authentication type changes it.
-    let x509_ca = auth_type
-        .map(|t| t == "certificateAuthority")
-        .filter(|ca| *ca != device.x509_ca);
-    let device = if thumbprints.is_some() || x509_ca.is_some() {
-        if let Some(thumbprints) = thumbprints {
-            service
-                .registry
-                .set_thumbprints(&id, thumbprints)
-                .map_err(registry_error)?;
-        }
-        if let Some(x509_ca) = x509_ca {
-            service
-                .registry
-                .set_x509_ca(&id, x509_ca)
-                .map_err(registry_error)?;
-        }
-        service
+    let device = match device {
+        Some(device) => device,
+        None => service
             .device(&id)?
-            .ok_or_else(|| ApiError::device_not_found(&id))?
-    } else {
-        device
+            .ok_or_else(|| ApiError::device_not_found(&id))?,
     };
     Ok(Json(service.device_json(&id, &device)))
 }
@@ -517,10 +518,14 @@ async fn delete_device(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     service.authorize(&headers, &[Right::RegistryWrite])?;
-    let if_match = headers.get("if-match").and_then(|v| v.to_str().ok());
+    let if_match = headers
+        .get("if-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     service
         .registry
-        .remove_device(&id, if_match)
+        .off_loop(move |registry| registry.remove_device(&id, if_match.as_deref()))
+        .await
         .map_err(registry_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
