@@ -194,7 +194,6 @@ pub struct Registry {
 }
 
 struct Inner {
-    path: PathBuf,
     doc: Document,
     /// The file's identity when last read or written: every write renames a new file
     /// into place, so its inode tells a change even within the clock's granularity.
@@ -215,26 +214,29 @@ impl Registry {
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
         let path = dir.join(FILE);
         let mut inner = Inner {
-            path,
             doc: Document::default(),
             seen: None,
             generation: 0,
         };
-        if inner.path.exists() {
-            inner.reload()?;
+        if path.exists() {
+            inner.reload(&path)?;
         } else {
             // Two instances starting on a new folder at once: one makes the file, the
             // other reads it, rather than each writing policies of its own.
-            let _locked = lock_file(&inner.path)?;
-            if inner.path.exists() {
-                inner.reload()?;
+            let _locked = lock_file(&path)?;
+            if path.exists() {
+                inner.reload(&path)?;
             } else {
-                inner.doc.policies = default_policies();
-                inner.save()?;
+                let doc = Document {
+                    policies: default_policies(),
+                    ..Document::default()
+                };
+                write_file(&path, &doc)?;
+                inner.adopt(&path, doc);
             }
         }
         Ok(Self {
-            path: inner.path.clone(),
+            path,
             inner: Arc::new(Mutex::new(inner)),
             writing: Arc::default(),
         })
@@ -252,7 +254,7 @@ impl Registry {
     /// Runs `f` on the current document (read again if it changed on disk).
     fn read<T>(&self, f: impl FnOnce(&Document) -> T) -> anyhow::Result<T> {
         let mut inner = self.lock();
-        inner.refresh()?;
+        inner.refresh(&self.path)?;
         Ok(f(&inner.doc))
     }
 
@@ -268,15 +270,12 @@ impl Registry {
         let _locked = lock_file(&self.path)?;
         let mut doc = {
             let mut inner = self.lock();
-            inner.refresh()?;
+            inner.refresh(&self.path)?;
             inner.doc.clone()
         };
         let out = f(&mut doc)?;
         write_file(&self.path, &doc)?;
-        let mut inner = self.lock();
-        inner.seen = stamp(&self.path);
-        inner.doc = doc;
-        inner.generation += 1;
+        self.lock().adopt(&self.path, doc);
         Ok(out)
     }
 
@@ -308,7 +307,7 @@ impl Registry {
     /// When the file changed on disk and cannot be read.
     pub fn generation(&self) -> anyhow::Result<u64> {
         let mut inner = self.lock();
-        inner.refresh()?;
+        inner.refresh(&self.path)?;
         Ok(inner.generation)
     }
 
@@ -585,29 +584,30 @@ fn write_file(path: &Path, doc: &Document) -> anyhow::Result<()> {
 }
 
 impl Inner {
-    fn refresh(&mut self) -> anyhow::Result<()> {
-        if stamp(&self.path) != self.seen {
-            self.reload()?;
+    /// Reads the registry at `path` again if it changed on disk.
+    fn refresh(&mut self, path: &Path) -> anyhow::Result<()> {
+        if stamp(path) != self.seen {
+            self.reload(path)?;
         }
         Ok(())
     }
 
-    fn reload(&mut self) -> anyhow::Result<()> {
-        let seen = stamp(&self.path);
-        let text = std::fs::read_to_string(&self.path)
-            .with_context(|| format!("cannot read the registry {}", self.path.display()))?;
+    fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let seen = stamp(path);
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the registry {}", path.display()))?;
         self.doc = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a registry", self.path.display()))?;
+            .with_context(|| format!("{} is not a registry", path.display()))?;
         self.seen = seen;
         self.generation += 1;
         Ok(())
     }
 
-    fn save(&mut self) -> anyhow::Result<()> {
-        write_file(&self.path, &self.doc)?;
-        self.seen = stamp(&self.path);
+    /// Takes `doc`, just written to `path`, as the current document.
+    fn adopt(&mut self, path: &Path, doc: Document) {
+        self.doc = doc;
+        self.seen = stamp(path);
         self.generation += 1;
-        Ok(())
     }
 }
 
