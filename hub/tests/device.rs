@@ -96,17 +96,13 @@ async fn on_one_event_loop_with_its_broker_the_hub_relays_calls_from_the_backend
             );
 
             let body = json!({"methodName": "ping", "payload": {"n": 2}});
-            let rest = tokio::spawn({
-                let (addr, ca, token) =
-                    (hub.hub.https_addr, hub.ca(), hub.service_token("service"));
-                async move {
-                    let path = "/twins/d1/methods?api-version=2021-04-12";
-                    common::https(addr, &ca, "POST", path, Some(&token), Some(&body), &[]).await
-                }
-            });
-            answer_one(&mut device).await;
-            let answer = rest.await.unwrap().unwrap();
-            assert_eq!(answer, (200, json!({"status": 200, "payload": {"n": 2}})));
+            let path = "/twins/d1/methods?api-version=2021-04-12";
+            let (answer, _) =
+                tokio::join!(hub.rest("POST", path, Some(&body)), answer_one(&mut device));
+            assert_eq!(
+                answer.unwrap(),
+                (200, json!({"status": 200, "payload": {"n": 2}}))
+            );
             caller.disconnect().await;
             let broker = hub.hub.broker.clone();
             hub.stop().await;
