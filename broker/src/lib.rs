@@ -7,7 +7,9 @@
 //! loop is a thread of its own ([`start`]), or the loop of a program that runs on one
 //! thread ([`start_here`]): edge-host and edge-hub run it on theirs by default, so
 //! that what passes between them and the broker stays on that thread. Every accepted
-//! socket has `TCP_NODELAY`.
+//! socket has `TCP_NODELAY`. Clients in the broker's own process connect through its
+//! [`Link`] instead: the same MQTT over an in-memory pipe, without a socket, so that
+//! what they exchange with the broker costs no system call.
 //!
 //! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
 //! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
@@ -34,6 +36,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use edge_proto::BrokerUrl;
+use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
+
+/// How many bytes an in-process connection buffers each way before a writer waits
+/// (as much as a session writes in one batch).
+const PIPE_BYTES: usize = 256 * 1024;
 
 /// Why the broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +69,52 @@ pub struct Running {
     pub addr: SocketAddr,
     /// How clients reach it: the bound address, or loopback when bound to all.
     pub url: BrokerUrl,
+    /// How clients in this process reach it without a socket.
+    pub link: Link,
+}
+
+/// Opens connections to a broker of this process over in-memory pipes: the client
+/// speaks MQTT as it would over TCP, and the broker serves the other end as it serves
+/// a socket. Clones open connections to the same broker, from any thread.
+#[derive(Clone)]
+pub struct Link {
+    /// Hands the broker's end of each new pipe to its accept loop.
+    pipes: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Link")
+    }
+}
+
+impl Link {
+    /// A new connection: the client's end of a pipe whose other end the broker serves.
+    ///
+    /// # Errors
+    /// When the broker has stopped (its event loop ended).
+    pub fn open(&self) -> std::io::Result<DuplexStream> {
+        let (client, broker) = tokio::io::duplex(PIPE_BYTES);
+        self.pipes.send(broker).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the embedded broker has stopped",
+            )
+        })?;
+        Ok(client)
+    }
+
+    /// The transport an MQTT client (rumqttc) connects through, each time it
+    /// (re)connects.
+    pub fn connector(&self) -> rumqttc::Connector {
+        let link = self.clone();
+        rumqttc::Connector::new(move || {
+            let opened = link
+                .open()
+                .map(|pipe| Box::new(pipe) as Box<dyn rumqttc::AsyncReadWrite>);
+            std::future::ready(opened)
+        })
+    }
 }
 
 /// Binds `listen` and starts the broker on a thread of its own, accepting connections
@@ -101,6 +155,22 @@ pub fn start_here(listen: SocketAddr) -> Result<Running, StartError> {
     Ok(running)
 }
 
+/// Starts the broker a program embeds: on the calling thread's event loop
+/// ([`start_here`]) when `on_this_loop`, else on a thread of its own ([`start`]).
+///
+/// # Errors
+/// As those two.
+///
+/// # Panics
+/// With `on_this_loop`, when not called inside a `LocalSet`.
+pub fn embed(listen: SocketAddr, on_this_loop: bool) -> Result<Running, StartError> {
+    if on_this_loop {
+        start_here(listen)
+    } else {
+        start(listen)
+    }
+}
+
 /// A broker bound to its address, serving once [`Bound::serve`] runs: on a thread of
 /// its own ([`start`]), or on the caller's event loop ([`start_here`]).
 #[derive(Debug)]
@@ -108,6 +178,8 @@ struct Bound {
     /// Where it listens.
     running: Running,
     listener: std::net::TcpListener,
+    /// The broker's ends of the pipes its [`Link`] opens.
+    pipes: mpsc::UnboundedReceiver<DuplexStream>,
 }
 
 impl Bound {
@@ -116,7 +188,7 @@ impl Bound {
     /// current-thread runtime, for one event loop).
     async fn serve(self) {
         tracing::info!(addr = %self.running.addr, "embedded broker listening");
-        accept(self.listener).await;
+        accept(self.listener, self.pipes).await;
     }
 }
 
@@ -140,17 +212,21 @@ fn bind(listen: SocketAddr) -> Result<Bound, StartError> {
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => "::1".to_owned(),
         ip => ip.to_string(),
     };
+    let (link, pipes) = mpsc::unbounded_channel();
     Ok(Bound {
         running: Running {
             addr,
             url: BrokerUrl::tcp(host, addr.port()),
+            link: Link { pipes: link },
         },
         listener,
+        pipes,
     })
 }
 
-/// Accepts connections for ever, a session task each.
-async fn accept(listener: std::net::TcpListener) {
+/// Accepts connections for ever, on the socket and from the [`Link`], a session task
+/// each.
+async fn accept(listener: std::net::TcpListener, mut pipes: mpsc::UnboundedReceiver<DuplexStream>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -161,15 +237,22 @@ async fn accept(listener: std::net::TcpListener) {
     let router = Rc::new(RefCell::new(router::Router::default()));
     let mut serial: router::Serial = 0;
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    serial += 1;
+                    tokio::task::spawn_local(session::serve_tcp(stream, peer, serial, Rc::clone(&router)));
+                }
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait for some to close.
+                    tracing::warn!(%error, "the embedded broker cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            // Every Link gone (the Running dropped): only the socket remains.
+            Some(pipe) = pipes.recv() => {
                 serial += 1;
-                tokio::task::spawn_local(session::serve(stream, peer, serial, Rc::clone(&router)));
-            }
-            Err(error) => {
-                // Out of file descriptors, most likely: wait for some to close.
-                tracing::warn!(%error, "the embedded broker cannot accept a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::task::spawn_local(session::serve_pipe(pipe, serial, Rc::clone(&router)));
             }
         }
     }

@@ -14,9 +14,8 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{self, Protocol, QoS};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::debug;
@@ -48,9 +47,9 @@ enum End {
     Lost(String),
 }
 
-/// Serves connection number `serial` from `peer` until it ends.
-pub async fn serve(
-    stream: TcpStream,
+/// Serves TCP connection number `serial` from `peer` until it ends.
+pub async fn serve_tcp(
+    mut stream: TcpStream,
     peer: SocketAddr,
     serial: Serial,
     router: Rc<RefCell<Router>>,
@@ -59,14 +58,33 @@ pub async fn serve(
     if let Err(error) = stream.set_nodelay(true) {
         debug!(%peer, %error, "cannot set TCP_NODELAY");
     }
-    let mut stream = stream;
     let (reader, writer) = stream.split();
-    let mut conn = Connection {
-        reader,
-        writer,
-        input: BytesMut::with_capacity(4096),
-        output: BytesMut::with_capacity(4096),
-    };
+    serve(Connection::new(reader, writer), &peer, serial, router).await;
+}
+
+/// Serves in-process connection number `serial` (one end of a pipe a
+/// [`Link`](crate::Link) opened) until it ends.
+pub async fn serve_pipe(stream: DuplexStream, serial: Serial, router: Rc<RefCell<Router>>) {
+    let (reader, writer) = tokio::io::split(stream);
+    serve(
+        Connection::new(reader, writer),
+        &"in-process",
+        serial,
+        router,
+    )
+    .await;
+}
+
+/// Serves a connection, whatever carries it, until it ends.
+async fn serve<R, W>(
+    mut conn: Connection<R, W>,
+    peer: &dyn std::fmt::Display,
+    serial: Serial,
+    router: Rc<RefCell<Router>>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let connect = match tokio::time::timeout(CONNECT_WAIT, conn.first_packet()).await {
         Ok(Ok(Some(connect))) => connect,
         Ok(Ok(None)) => return,
@@ -155,15 +173,35 @@ impl Refusal {
     }
 }
 
-/// The two halves of a client's socket and their buffers.
-struct Connection<'a> {
-    reader: ReadHalf<'a>,
-    writer: WriteHalf<'a>,
+/// The two halves of a client's connection and their buffers.
+struct Connection<R, W> {
+    reader: R,
+    writer: W,
     input: BytesMut,
     output: BytesMut,
 }
 
-impl Connection<'_> {
+impl<R, W> Connection<R, W> {
+    fn new(reader: R, writer: W) -> Self {
+        Self {
+            reader,
+            writer,
+            input: BytesMut::with_capacity(4096),
+            output: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Adds `packet` to what goes out on the next flush.
+    fn queue(&mut self, packet: &Packet) {
+        // Packets the broker writes are within the limits it reads with: this fails
+        // only on a bug, and then the client is better off without the packet.
+        if let Err(error) = packet.write(&mut self.output, usize::MAX) {
+            tracing::error!(%error, "cannot encode a packet");
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
     /// The client's CONNECT, checked; `None` when it closed first.
     async fn first_packet(&mut self) -> Result<Option<Connect>, Refusal> {
         loop {
@@ -204,15 +242,6 @@ impl Connection<'_> {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
-        }
-    }
-
-    /// Adds `packet` to what goes out on the next flush.
-    fn queue(&mut self, packet: &Packet) {
-        // Packets the broker writes are within the limits it reads with: this fails
-        // only on a bug, and then the client is better off without the packet.
-        if let Err(error) = packet.write(&mut self.output, usize::MAX) {
-            tracing::error!(%error, "cannot encode a packet");
         }
     }
 
@@ -263,9 +292,9 @@ struct Session {
 }
 
 impl Session {
-    async fn run(
+    async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
-        conn: &mut Connection<'_>,
+        conn: &mut Connection<R, W>,
         mut inbox: mpsc::Receiver<Delivery>,
         kick: &Notify,
         keep_alive: Option<Duration>,
@@ -329,7 +358,7 @@ impl Session {
 
     /// Handles one packet from the client, queueing what answers it; `Some` ends the
     /// connection.
-    fn on_packet(&mut self, conn: &mut Connection<'_>, packet: Packet) -> Option<End> {
+    fn on_packet<R, W>(&mut self, conn: &mut Connection<R, W>, packet: Packet) -> Option<End> {
         match packet {
             Packet::Publish(publish) => return self.on_publish(conn, publish),
             Packet::PubRel(release) => {
@@ -381,7 +410,7 @@ impl Session {
         None
     }
 
-    fn on_publish(&mut self, conn: &mut Connection<'_>, publish: Publish) -> Option<End> {
+    fn on_publish<R, W>(&mut self, conn: &mut Connection<R, W>, publish: Publish) -> Option<End> {
         if !router::valid_topic(&publish.topic) {
             return Some(End::Lost(format!(
                 "published to an invalid topic {:?}",
@@ -409,7 +438,7 @@ impl Session {
     }
 
     /// Queues `delivery` to the client, with a packet id when it goes at QoS 1.
-    fn deliver(&mut self, conn: &mut Connection<'_>, delivery: Delivery) {
+    fn deliver<R, W>(&mut self, conn: &mut Connection<R, W>, delivery: Delivery) {
         let pkid = if delivery.qos == QoS::AtMostOnce {
             0
         } else {

@@ -169,43 +169,63 @@ fn connect_packet(id: &str, keep_alive: u16, will: Option<LastWill>) -> Connect 
     connect
 }
 
-#[tokio::test]
-async fn a_request_and_its_answer_cross_the_broker_through_wildcards() {
-    let url = broker();
-    let mut device = Client::connect(&url, "device").await;
-    let mut caller = Client::connect(&url, "caller").await;
+/// Subscribes `device` to device d1's requests (at `qos`) and `caller` to its answers,
+/// and waits until both subscriptions took effect.
+async fn method_pair(device: &mut Client, caller: &Client, qos: QoS) {
     device
-        .subscribe("devices/d1/$iothub/methods/POST/#", QoS::AtMostOnce)
+        .subscribe("devices/d1/$iothub/methods/POST/#", qos)
         .await;
     caller
         .subscribe("devices/d1/$iothub/methods/res/+/#", QoS::AtLeastOnce)
         .await;
     // The subscriptions are in place once a probe through them arrives.
     settle(
-        &caller,
-        &mut device,
+        caller,
+        device,
         "devices/d1/$iothub/methods/POST/probe/?$rid=0",
     )
     .await;
+}
 
+/// Call `rid` from `caller` to `device` (a [`method_pair`]) at `qos`, which the device
+/// answers at QoS 1 with the payload it got: the request as the device received it,
+/// and the answer as the caller did, each checked to be on its topic.
+async fn round_trip(
+    caller: &mut Client,
+    device: &mut Client,
+    rid: u32,
+    qos: QoS,
+    payload: Vec<u8>,
+) -> (Publish, Publish) {
+    let request = format!("devices/d1/$iothub/methods/POST/echo/?$rid={rid}");
+    caller
+        .client
+        .publish(&request, qos, false, payload)
+        .await
+        .expect("publish");
+    let got = device.next().await;
+    assert_eq!(got.topic, request);
+    let answer = format!("devices/d1/$iothub/methods/res/200/?$rid={rid}");
+    device
+        .client
+        .publish(&answer, QoS::AtLeastOnce, false, got.payload.clone())
+        .await
+        .expect("publish");
+    let back = caller.next().await;
+    assert_eq!(back.topic, answer);
+    (got, back)
+}
+
+#[tokio::test]
+async fn a_request_and_its_answer_cross_the_broker_through_wildcards() {
+    let url = broker();
+    let mut device = Client::connect(&url, "device").await;
+    let mut caller = Client::connect(&url, "caller").await;
+    method_pair(&mut device, &caller, QoS::AtMostOnce).await;
     for rid in 1..=50 {
-        let request = format!("devices/d1/$iothub/methods/POST/echo/?$rid={rid}");
-        caller
-            .client
-            .publish(&request, QoS::AtMostOnce, false, format!("{{\"n\":{rid}}}"))
-            .await
-            .expect("publish");
-        let got = device.next().await;
-        assert_eq!(got.topic, request);
+        let payload = format!("{{\"n\":{rid}}}").into_bytes();
+        let (got, back) = round_trip(&mut caller, &mut device, rid, QoS::AtMostOnce, payload).await;
         assert_eq!(got.qos, QoS::AtMostOnce);
-        let answer = format!("devices/d1/$iothub/methods/res/200/?$rid={rid}");
-        device
-            .client
-            .publish(&answer, QoS::AtLeastOnce, false, got.payload.clone())
-            .await
-            .expect("publish");
-        let back = caller.next().await;
-        assert_eq!(back.topic, answer);
         assert_eq!(back.qos, QoS::AtLeastOnce);
         assert_eq!(back.payload, got.payload);
         assert!(!back.retain);
@@ -587,4 +607,98 @@ async fn the_closed_event_loop_of_a_replaced_client_reports_it() {
         .await
         .expect("the first client's connection ends")
         .expect("event loop reported");
+}
+
+/// Sends CONNECT on an in-process connection and returns its CONNACK.
+async fn connect_pipe(pipe: &mut tokio::io::DuplexStream, connect: Connect) -> Option<Packet> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut out = BytesMut::new();
+    Packet::Connect(connect)
+        .write(&mut out, usize::MAX)
+        .expect("encode");
+    pipe.write_all(&out).await.expect("write CONNECT");
+    let mut input = BytesMut::new();
+    loop {
+        match Packet::read(&mut input, usize::MAX) {
+            Ok(packet) => return Some(packet),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(error) => panic!("the broker sent a malformed packet: {error}"),
+        }
+        let read = tokio::time::timeout(WAIT, pipe.read_buf(&mut input))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if read == 0 {
+            return None;
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_of_the_brokers_own_process_meet_tcp_clients_through_its_link() {
+    let running = edge_broker::start(([127, 0, 0, 1], 0).into()).expect("broker starts");
+    let url = running.url.clone();
+    let connector = running.link.connector();
+    let mut device = Client::connect_with(&url, "device", |options| {
+        options.set_transport(rumqttc::Transport::Custom(connector));
+    })
+    .await;
+    let mut caller = Client::connect(&url, "caller").await;
+    caller.subscribe("devices/d2/#", QoS::AtLeastOnce).await;
+    method_pair(&mut device, &caller, QoS::AtLeastOnce).await;
+    for rid in 1..=20 {
+        let (got, back) = round_trip(
+            &mut caller,
+            &mut device,
+            rid,
+            QoS::AtLeastOnce,
+            vec![b'x'; 4096],
+        )
+        .await;
+        assert_eq!((got.payload.len(), back.payload), (4096, got.payload));
+    }
+
+    // An in-process connection that ends without DISCONNECT leaves its will.
+    let mut pipe = running
+        .link
+        .open()
+        .expect("the broker takes the connection");
+    let will = LastWill::new("devices/d2/gone", "lost", QoS::AtLeastOnce, false);
+    assert_eq!(
+        connect_pipe(&mut pipe, connect_packet("d2", 60, Some(will))).await,
+        Some(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false
+        )))
+    );
+    drop(pipe);
+    let got = caller.next().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("devices/d2/gone", &b"lost"[..])
+    );
+}
+
+#[test]
+fn a_link_to_a_broker_whose_event_loop_ended_refuses_to_open() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let running = local.block_on(&runtime, async {
+        let running = edge_broker::start_here(([127, 0, 0, 1], 0).into()).expect("broker starts");
+        let mut pipe = running.link.open().expect("open");
+        assert!(
+            matches!(
+                connect_pipe(&mut pipe, connect_packet("c", 60, None)).await,
+                Some(Packet::ConnAck(_))
+            ),
+            "the broker serves the pipe while its loop runs"
+        );
+        running
+    });
+    drop(local);
+    let error = running.link.open().expect_err("the broker is gone");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
 }
