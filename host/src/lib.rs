@@ -142,16 +142,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let link = match link {
         Some(link) => link,
-        None => Link::Broker {
-            broker: match &config.broker {
-                Some(url) => url.clone(),
-                None if config.broker_on_host_thread => edge_broker::start_here(config.listen)?.url,
-                None => edge_broker::start(config.listen)?.url,
-            },
-            device_id: device_id.clone(),
-            namespace,
-            security,
-        },
+        None => {
+            // The session reaches an embedded broker in memory; everyone else, at its
+            // address.
+            let (broker, in_process) = match &config.broker {
+                Some(url) => (url.clone(), None),
+                None => {
+                    let running = edge_broker::embed(config.listen, config.broker_on_host_thread)?;
+                    (running.url, Some(running.link.connector()))
+                }
+            };
+            Link::Broker {
+                broker,
+                device_id: device_id.clone(),
+                namespace,
+                security,
+                in_process,
+            }
+        }
     };
     let threads = config.threads;
     match &link {

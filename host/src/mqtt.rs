@@ -87,6 +87,9 @@ pub enum Link {
         namespace: Namespace,
         /// TLS and credentials.
         security: edge_proto::transport::Security,
+        /// How to reach the broker without a socket when it runs in this process (the
+        /// embedded broker's `Link`); `broker` then only names it.
+        in_process: Option<rumqttc::Connector>,
     },
     /// IoT Hub's device protocol: bare topics, the catalog reported in the twin.
     IotHub(DeviceEndpoint),
@@ -192,10 +195,14 @@ impl Session {
                 device_id,
                 namespace,
                 security,
+                in_process,
             } => {
                 let mut options =
                     edge_proto::client::options(&device_id, &broker, &security, KEEP_ALIVE)
                         .with_context(|| format!("cannot set up the connection to {broker}"))?;
+                if let Some(connector) = in_process {
+                    options.set_transport(rumqttc::Transport::Custom(connector));
+                }
                 options.set_last_will(LastWill::new(
                     namespace.presence_topic(),
                     presence_json(false, Some("connection-lost")),

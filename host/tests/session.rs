@@ -374,7 +374,8 @@ async fn on_its_embedded_broker_the_host_serves_with_the_broker_on_its_own_event
     testkit::init_logging();
     let handlers = HandlerDir::with(&["echo"]).expect("handlers");
     for (threads, broker_thread) in [("1", false), ("2", true)] {
-        let listen = format!("127.0.0.1:{}", testkit::free_port().expect("a port"));
+        let port = testkit::free_port().expect("a port");
+        let listen = format!("127.0.0.1:{port}");
         let host = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_edge-host"))
                 .args([
@@ -410,6 +411,14 @@ async fn on_its_embedded_broker_the_host_serves_with_the_broker_on_its_own_event
             broker_thread,
             "--threads {threads}: the broker has a thread of its own only with a pool: {names:?}"
         );
+        // The host's session reaches its broker in memory: the caller's is the only
+        // socket connected to the broker (once presence's own client has closed).
+        testkit::eventually(
+            &format!("--threads {threads}: only the caller connected over TCP"),
+            Duration::from_secs(5),
+            async || (testkit::connections_to(port).expect("the TCP table") == 1).then_some(()),
+        )
+        .await;
         caller.disconnect().await;
     }
 }

@@ -26,6 +26,9 @@ pub struct Backend {
     pub broker: BrokerUrl,
     /// TLS files and credentials for it.
     pub security: Security,
+    /// How to reach it without a socket when it runs in this process (the embedded
+    /// broker's `Link`): then `broker` only names it.
+    pub in_process: Option<rumqttc::Connector>,
 }
 
 impl Backend {
@@ -48,6 +51,9 @@ impl Backend {
         )?;
         if let Some(will) = will {
             options.set_last_will(will);
+        }
+        if let Some(connector) = &self.in_process {
+            options.set_transport(rumqttc::Transport::Custom(connector.clone()));
         }
         Ok(edge_proto::client::start(options, queue, CONNECT_WAIT))
     }

@@ -102,14 +102,19 @@ impl Hub {
         };
         let mqtt_tls = TlsAcceptor::from(pki::server_config(&identity, &[], true)?);
         let https_tls = TlsAcceptor::from(pki::server_config(&identity, &[b"http/1.1"], false)?);
-        let broker = match &config.broker {
-            Some(url) => url.clone(),
-            None if config.broker_on_hub_thread => edge_broker::start_here(config.listen)?.url,
-            None => edge_broker::start(config.listen)?.url,
+        // The hub's own sessions reach an embedded broker in memory; everyone else,
+        // at its address.
+        let (broker, in_process) = match &config.broker {
+            Some(url) => (url.clone(), None),
+            None => {
+                let running = edge_broker::embed(config.listen, config.broker_on_hub_thread)?;
+                (running.url, Some(running.link.connector()))
+            }
         };
         let backend = backend::Backend {
             broker: broker.clone(),
             security: config.backend_security.clone(),
+            in_process: in_process.clone(),
         };
         let mqtts = TcpListener::bind(config.mqtts_listen)
             .await
@@ -130,6 +135,7 @@ impl Hub {
         let presence = backend::PresenceWatch::start(&backend)?;
         let mut options = edge_invoker::ConnectOptions::new(broker.clone());
         options.security = config.backend_security.clone();
+        options.in_process = in_process;
         let caller = edge_invoker::Caller::connect(options)
             .await
             .with_context(|| format!("cannot reach the backend broker {broker}"))?;

@@ -103,6 +103,16 @@ async fn on_one_event_loop_with_its_broker_the_hub_relays_calls_from_the_backend
                 answer.unwrap(),
                 (200, json!({"status": 200, "payload": {"n": 2}}))
             );
+            // The hub's own sessions (its Caller, the presence watch, d1's backend
+            // session) reach the broker in memory: the test's caller is the only socket
+            // connected to it.
+            let port = hub.broker().port;
+            testkit::eventually(
+                "only the test's caller connected over TCP",
+                Duration::from_secs(5),
+                async || (testkit::connections_to(port).unwrap() == 1).then_some(()),
+            )
+            .await;
             caller.disconnect().await;
             let broker = hub.hub.broker.clone();
             hub.stop().await;

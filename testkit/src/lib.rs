@@ -15,8 +15,8 @@
 //!   process a test starts (hosts, brokers, hubs);
 //! - [`logs`]: [`init_logging`], and [`capture_logs`] for tests that read the log;
 //! - [`lang`]: guests in Python and JavaScript, built on first use;
-//! - here: [`free_port`], [`eventually`] (wait for what a test can see) and
-//!   [`azure_python`].
+//! - here: [`free_port`], [`connections_to`] (who is connected to a listener),
+//!   [`eventually`] (wait for what a test can see) and [`azure_python`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +47,39 @@ pub use wire::{Delivery, RawClient, RawOptions, WireCaller, publish_once};
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// How many TCP connections to local port `port` are established on this machine: a
+/// listener's accepted sockets, as the kernel lists them in `/proc/net/tcp` and
+/// `/proc/net/tcp6`. Each client connected to a broker there counts once.
+///
+/// # Errors
+/// When neither table can be read.
+pub fn connections_to(port: u16) -> anyhow::Result<usize> {
+    // Each line: `sl local_address rem_address st ...`, addresses as `HEXIP:HEXPORT`,
+    // state 01 for ESTABLISHED.
+    let local = format!(":{port:04X}");
+    let mut count = 0;
+    let mut read_any = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        read_any = true;
+        count += text
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields
+                    .get(1)
+                    .is_some_and(|address| address.ends_with(&local))
+                    && fields.get(3) == Some(&"01")
+            })
+            .count();
+    }
+    anyhow::ensure!(read_any, "cannot read /proc/net/tcp or /proc/net/tcp6");
+    Ok(count)
 }
 
 /// Polls `check` every 50 ms until it gives a value, and returns it; panics naming

@@ -43,6 +43,9 @@ pub struct ConnectOptions {
     /// after the last call to it ended; a later call subscribes again. Bounds what a
     /// long-lived session (edge-hub's) holds for a fleet it calls.
     pub idle_device: Duration,
+    /// How to reach a broker that runs in this process without a socket (edge-broker's
+    /// `Link::connector`); `broker` still names it in errors.
+    pub in_process: Option<rumqttc::Connector>,
 }
 
 impl ConnectOptions {
@@ -54,6 +57,7 @@ impl ConnectOptions {
             keep_alive: Duration::from_secs(30),
             security: Security::default(),
             idle_device: IDLE_DEVICE,
+            in_process: None,
         }
     }
 }
@@ -96,6 +100,9 @@ pub(super) async fn connect(options: &ConnectOptions) -> Result<Connected, CallE
         .security
         .apply(&options.broker, &mut mqtt)
         .map_err(|e| connect_error(e.to_string()))?;
+    if let Some(connector) = &options.in_process {
+        mqtt.set_transport(rumqttc::Transport::Custom(connector.clone()));
+    }
     let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_QUEUE);
     let mut network = NetworkOptions::new();
     network.set_tcp_nodelay(true);
