@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestHub, connect_device, https, method_device};
-use rumqttc::{Packet, QoS};
+use rumqttc::Packet;
 use serde_json::json;
 
 fn invoke(method: &str, payload: serde_json::Value) -> serde_json::Value {
@@ -107,16 +107,12 @@ async fn a_rest_call_reaches_a_device_on_the_hub() {
     assert_eq!(&request.payload[..], br#"{"delay":3}"#);
     let rid = request.topic.split("$rid=").nth(1).unwrap();
     device
-        .client
-        .publish(
-            format!("$iothub/methods/res/201/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            false,
+        .publish_acked(
+            &format!("$iothub/methods/res/201/?$rid={rid}"),
             br#"{"rebooting":true}"#.to_vec(),
         )
         .await
         .unwrap();
-    let _ = device.until(|p| matches!(p, Packet::PubAck(_))).await;
     let answer = rest.await.unwrap().unwrap();
     assert_eq!(
         answer,
@@ -216,16 +212,12 @@ async fn a_connect_timeout_waits_for_a_device_to_come_online() {
     };
     let rid = request.topic.split("$rid=").nth(1).unwrap();
     device
-        .client
-        .publish(
-            format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            false,
+        .publish_acked(
+            &format!("$iothub/methods/res/200/?$rid={rid}"),
             b"null".to_vec(),
         )
         .await
         .unwrap();
-    let _ = device.until(|p| matches!(p, Packet::PubAck(_))).await;
     assert_eq!(
         call.await.unwrap().unwrap(),
         (200, json!({"status":200,"payload":null}))
@@ -472,16 +464,12 @@ async fn two_hubs_sharing_a_registry_and_a_broker_serve_the_same_devices() {
     };
     let rid = request.topic.split("$rid=").nth(1).unwrap();
     device
-        .client
-        .publish(
-            format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            false,
+        .publish_acked(
+            &format!("$iothub/methods/res/200/?$rid={rid}"),
             br#""one""#.to_vec(),
         )
         .await
         .unwrap();
-    let _ = device.until(|p| matches!(p, Packet::PubAck(_))).await;
     assert_eq!(
         rest.await.unwrap().unwrap(),
         (200, json!({"status":200,"payload":"one"}))
