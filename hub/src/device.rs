@@ -50,6 +50,9 @@ pub const MAX_SUBSCRIPTIONS: usize = 5;
 /// topic.
 const MAX_PACKET: usize = 256 * 1024 + 4096;
 
+/// Up to how many bytes of queued requests are written to a device at once.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// How long a new connection may take to send CONNECT.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
@@ -546,12 +549,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    async fn send(&mut self, packet: Packet) -> anyhow::Result<()> {
-        self.out.clear();
+    /// Adds `packet` to what the next [`Connection::flush`] writes.
+    fn queue(&mut self, packet: &Packet) -> anyhow::Result<()> {
         packet.write(&mut self.out, usize::MAX)?;
-        self.writer.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Writes what was queued, in as few TLS records as it fits in.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        written?;
         self.writer.flush().await?;
         Ok(())
+    }
+
+    /// Writes `packet` now.
+    async fn send(&mut self, packet: Packet) -> anyhow::Result<()> {
+        self.queue(&packet)?;
+        self.flush().await
     }
 
     async fn close(mut self) {
@@ -589,12 +608,16 @@ impl DeviceSession {
             (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut last_seen = tokio::time::Instant::now();
         loop {
-            // Every whole packet already buffered, first.
+            // Every whole packet already buffered, first; what answers them goes out
+            // together, with the requests queued meanwhile.
             loop {
                 match conn.parse() {
                     Ok(Some(packet)) => {
                         last_seen = tokio::time::Instant::now();
                         if let Err(end) = self.on_device_packet(conn, packet).await {
+                            // What was queued before the end still goes (a refusal's
+                            // earlier acknowledgements).
+                            let _ = conn.flush().await;
                             return end;
                         }
                     }
@@ -604,6 +627,9 @@ impl DeviceSession {
                         return End::Lost;
                     }
                 }
+            }
+            if conn.flush().await.is_err() {
+                return End::Lost;
             }
             let idle = async {
                 match idle_limit {
@@ -620,6 +646,14 @@ impl DeviceSession {
                     Some(publish) => {
                         if let Err(end) = self.on_request(conn, publish).await {
                             return end;
+                        }
+                        // The requests that came meanwhile go out with it.
+                        while conn.out.len() < BATCH_BYTES
+                            && let Ok(publish) = self.backend.requests.try_recv()
+                        {
+                            if let Err(end) = self.on_request(conn, publish).await {
+                                return end;
+                            }
                         }
                     }
                     None => return End::BackendLost,
@@ -672,9 +706,7 @@ impl DeviceSession {
             request.method, request.request_id
         );
         let forward = Publish::from_bytes(topic, QoS::AtMostOnce, publish.payload.clone());
-        conn.send(Packet::Publish(forward))
-            .await
-            .map_err(|_| End::Lost)
+        queue(conn, &Packet::Publish(forward))
     }
 
     async fn on_device_packet<S: AsyncRead + AsyncWrite + Unpin>(
@@ -703,7 +735,7 @@ impl DeviceSession {
                     };
                     codes.push(SubscribeReasonCode::Success(qos));
                 }
-                send(conn, Packet::SubAck(SubAck::new(subscribe.pkid, codes))).await?;
+                queue(conn, &Packet::SubAck(SubAck::new(subscribe.pkid, codes)))?;
                 if self.subscriptions.contains(METHODS_FILTER) && !self.announced {
                     self.announced = true;
                     self.set_presence(true, None).await?;
@@ -714,14 +746,14 @@ impl DeviceSession {
                 for topic in &unsubscribe.topics {
                     self.subscriptions.remove(topic);
                 }
-                send(conn, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))).await?;
+                queue(conn, &Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))?;
                 if self.announced && !self.subscriptions.contains(METHODS_FILTER) {
                     self.announced = false;
                     self.set_presence(false, Some("unsubscribed")).await?;
                 }
                 Ok(())
             }
-            Packet::PingReq => send(conn, Packet::PingResp).await,
+            Packet::PingReq => queue(conn, &Packet::PingResp),
             Packet::Disconnect => Err(End::Disconnected),
             Packet::PubAck(_) => Ok(()),
             other => self.refuse(format!("unexpected packet {other:?}")),
@@ -794,7 +826,7 @@ impl DeviceSession {
             return self.refuse(format!("publish to '{topic}'"));
         }
         if publish.qos == QoS::AtLeastOnce {
-            send(conn, Packet::PubAck(PubAck::new(publish.pkid))).await?;
+            queue(conn, &Packet::PubAck(PubAck::new(publish.pkid)))?;
         }
         Ok(())
     }
@@ -850,16 +882,16 @@ impl DeviceSession {
         if let Some(version) = version {
             topic.push_str(&format!("&$version={version}"));
         }
-        send(
+        queue(
             conn,
-            Packet::Publish(Publish::new(topic, QoS::AtMostOnce, body)),
+            &Packet::Publish(Publish::new(topic, QoS::AtMostOnce, body)),
         )
-        .await
     }
 }
 
-async fn send<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, packet: Packet) -> Step {
-    conn.send(packet).await.map_err(|_| End::Lost)
+/// Queues `packet` for the device, written when the session next flushes.
+fn queue<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, packet: &Packet) -> Step {
+    conn.queue(packet).map_err(|_| End::Lost)
 }
 
 /// `{status}/?$rid={rid}` (other properties allowed) → status and request id.
