@@ -127,8 +127,30 @@ async fn on_one_event_loop_with_its_broker_the_hub_relays_calls_from_the_backend
 
 #[tokio::test]
 async fn a_device_is_online_on_the_backend_only_while_subscribed_to_methods() {
-    let hub = TestHub::start().await.unwrap();
-    let mut device = method_device(&hub, "d1").await.unwrap();
+    online_only_while_connected(TestHub::start().await.unwrap()).await;
+}
+
+/// The same on the hub's default path: its embedded broker, which its devices' backend
+/// sessions reach in memory (their end, polite or not, closes the pipe).
+#[tokio::test]
+async fn on_its_embedded_broker_a_device_is_online_only_while_connected() {
+    tokio::task::LocalSet::new()
+        .run_until(async {
+            online_only_while_connected(TestHub::start_embedded().await.unwrap()).await;
+        })
+        .await;
+}
+
+/// A device through `hub` is online on the backend while subscribed to methods, and
+/// offline once it disconnects or its connection is lost; a call then finds it offline.
+async fn online_only_while_connected(hub: TestHub) {
+    let key = hub.add_device("d1");
+    let connect = async || {
+        let mut device = connect_device(&hub, "d1", &key).await.unwrap();
+        device.subscribe("$iothub/methods/POST/#").await.unwrap();
+        device
+    };
+    let mut device = connect().await;
     testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
         .await
         .unwrap();
@@ -143,6 +165,15 @@ async fn a_device_is_online_on_the_backend_only_while_subscribed_to_methods() {
         .await
         .unwrap_err();
     assert!(matches!(error, CallError::NotOnline { .. }), "{error:?}");
+    // Back, then gone without DISCONNECT (its socket dropped).
+    let device = connect().await;
+    testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    drop(device);
+    testkit::presence(&hub.broker(), "d1", false, Duration::from_secs(5))
+        .await
+        .unwrap();
     hub.stop().await;
 }
 
