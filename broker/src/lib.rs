@@ -11,13 +11,13 @@
 //! [`Link`] instead: the same MQTT over an in-memory pipe, without a socket, so that
 //! what they exchange with the broker costs no system call.
 //!
-//! What it does: MQTT 3.1.1 (protocol level 4) over TCP; QoS 0 and 1 (QoS 2 publishes
-//! are taken and acknowledged as MQTT says, and delivered at QoS 1; subscriptions are
-//! granted at most QoS 1); `+` and `#` wildcards, with `$` topics out of their reach
-//! at the first level; retained messages; wills, published when a connection ends
-//! without DISCONNECT (lost, timed out, malformed, or taken over); a second connection
-//! with the same client id replaces the first; keep-alive (1.5 times the client's);
-//! packets up to [`edge_proto::client::MAX_PACKET`].
+//! What it does: MQTT 3.1.1 (protocol level 4) over TCP (and over its [`Link`]); QoS 0
+//! and 1 (QoS 2 publishes are taken and acknowledged as MQTT says, and delivered at QoS
+//! 1; subscriptions are granted at most QoS 1); `+` and `#` wildcards, with `$` topics
+//! out of their reach at the first level; retained messages; wills, published when a
+//! connection ends without DISCONNECT (lost, timed out, malformed, or taken over); a
+//! second connection with the same client id replaces the first; keep-alive (1.5 times
+//! the client's); packets up to [`edge_proto::client::MAX_PACKET`].
 //!
 //! What it does not, on purpose: authentication and TLS (it listens on loopback unless
 //! told otherwise; fleets use their own broker), MQTT 5, and sessions that outlive their
