@@ -50,7 +50,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 5;
 /// topic.
 const MAX_PACKET: usize = 256 * 1024 + 4096;
 
-/// Up to how many bytes of queued requests are written to a device at once.
+/// Once this many bytes are queued for a device, its session writes them before it
+/// takes more of the requests waiting for it.
 const BATCH_BYTES: usize = 64 * 1024;
 
 /// How long a new connection may take to send CONNECT.
