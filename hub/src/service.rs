@@ -404,6 +404,14 @@ async fn invoke(
         .into_response())
 }
 
+/// The request's `If-Match` header (an etag, or `*`), if it has a readable one.
+fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("if-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// `GET /twins/{id}`.
 async fn get_twin(
     State(service): State<Arc<Service>>,
@@ -474,10 +482,7 @@ async fn put_device(
             )));
         }
     };
-    let if_match = headers
-        .get("if-match")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let if_match = if_match(&headers);
     let keys = (key("primaryKey"), key("secondaryKey"));
     // Only a request that names an authentication type changes it.
     let x509_ca = auth_type.map(|t| t == "certificateAuthority");
@@ -518,10 +523,7 @@ async fn delete_device(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     service.authorize(&headers, &[Right::RegistryWrite])?;
-    let if_match = headers
-        .get("if-match")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let if_match = if_match(&headers);
     service
         .registry
         .off_loop(move |registry| registry.remove_device(&id, if_match.as_deref()))
