@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use edge_proto::iothub::generate_key;
@@ -25,6 +25,12 @@ pub const FILE: &str = "registry.json";
 
 /// The lock file beside it, held while a change is read, made and written.
 pub const LOCK_FILE: &str = "registry.json.lock";
+
+/// How long [`Registry::generation`] trusts the file not to have changed on disk
+/// without looking: a policy edited in the file by hand, or by another instance,
+/// takes effect within it. Every service call asks for the generation; without this
+/// each one would `stat` the file.
+pub const RECHECK: Duration = Duration::from_secs(1);
 
 /// What a service policy may do, as IoT Hub's permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -200,6 +206,8 @@ struct Inner {
     seen: Option<Stamp>,
     /// Raised whenever `doc` is read again or changed.
     generation: u64,
+    /// When the file was last compared with `seen`.
+    checked: Option<Instant>,
 }
 
 impl Registry {
@@ -217,6 +225,7 @@ impl Registry {
             doc: Document::default(),
             seen: None,
             generation: 0,
+            checked: None,
         };
         if path.exists() {
             inner.reload(&path)?;
@@ -300,14 +309,23 @@ impl Registry {
             })
     }
 
-    /// A number that changes whenever the registry does (here or on disk), so that
-    /// what was checked against it (a service token) can be trusted until it changes.
+    /// A number that changes whenever the registry does, so that what was checked
+    /// against it (a service token) can be trusted until it changes. A change made
+    /// through this registry raises it at once; one made on disk, by another instance
+    /// or by hand, within [`RECHECK`] (the file is looked at no more often).
     ///
     /// # Errors
     /// When the file changed on disk and cannot be read.
     pub fn generation(&self) -> anyhow::Result<u64> {
         let mut inner = self.lock();
-        inner.refresh(&self.path)?;
+        let now = Instant::now();
+        if inner
+            .checked
+            .is_none_or(|at| now.duration_since(at) >= RECHECK)
+        {
+            inner.refresh(&self.path)?;
+            inner.checked = Some(now);
+        }
         Ok(inner.generation)
     }
 
@@ -781,6 +799,32 @@ mod tests {
         assert!(two.device("d1").expect("reads").is_some());
         two.remove_device("d1", None).expect("removes");
         assert!(one.device("d1").expect("reads").is_none());
+    }
+
+    #[test]
+    fn the_generation_moves_at_once_for_own_changes_and_within_recheck_for_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = Registry::open(dir.path()).expect("opens");
+        let two = Registry::open(dir.path()).expect("opens");
+        let first = one.generation().expect("reads");
+        one.add_device("d1", (None, None), None).expect("adds");
+        let own = one.generation().expect("reads");
+        assert_ne!(own, first, "a change made here shows at once");
+        let started = Instant::now();
+        two.add_device("d2", (None, None), None).expect("adds");
+        if started.elapsed() < RECHECK / 2 {
+            assert_eq!(
+                one.generation().expect("reads"),
+                own,
+                "the file is not looked at again within RECHECK"
+            );
+        }
+        std::thread::sleep(RECHECK);
+        assert_ne!(
+            one.generation().expect("reads"),
+            own,
+            "a change on disk shows once RECHECK has passed"
+        );
     }
 
     #[test]
