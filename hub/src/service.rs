@@ -103,32 +103,29 @@ impl Service {
             .generation()
             .map_err(|e| ApiError::server(format!("registry: {e:#}")))?;
         let now = unix_now();
-        let cached = lock(&self.authorized).get(header).and_then(|seen| {
-            (seen.generation == generation && now < seen.expiry)
-                .then(|| (seen.rights.clone(), seen.policy.clone()))
-        });
-        let (granted, name) = match cached {
-            Some(found) => found,
-            None => {
-                let checked = self.check_token(header, now)?;
-                let found = (checked.rights.clone(), checked.policy.clone());
-                let mut cache = lock(&self.authorized);
-                if cache.len() >= AUTHORIZED_CACHE {
-                    cache.clear();
-                }
-                cache.insert(
-                    header.to_owned(),
-                    Authorized {
-                        generation,
-                        ..checked
-                    },
-                );
-                found
+        let mut cache = lock(&self.authorized);
+        let fresh = |seen: &Authorized| seen.generation == generation && now < seen.expiry;
+        if !cache.get(header).is_some_and(fresh) {
+            // Checked without the lock: an HMAC, and perhaps a read of the registry.
+            drop(cache);
+            let checked = self.check_token(header, now)?;
+            cache = lock(&self.authorized);
+            if cache.len() >= AUTHORIZED_CACHE {
+                cache.clear();
             }
-        };
-        if !rights.iter().any(|r| granted.contains(r)) {
+            cache.insert(
+                header.to_owned(),
+                Authorized {
+                    generation,
+                    ..checked
+                },
+            );
+        }
+        let seen = &cache[header];
+        if !rights.iter().any(|r| seen.rights.contains(r)) {
             return Err(ApiError::unauthorized(format!(
-                "policy '{name}' does not have the right {rights:?}"
+                "policy '{}' does not have the right {rights:?}",
+                seen.policy
             )));
         }
         Ok(())
