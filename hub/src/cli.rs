@@ -166,10 +166,11 @@ impl Cli {
     /// The threads the hub runs on: `--threads`, else one with the embedded broker
     /// (which then runs on the hub's event loop too), else one per CPU (`None`).
     ///
-    /// Measured with `edge-bench hub --embedded` (2 CPUs, interleaved runs): on one
-    /// thread with the broker, a device through the hub answered at 125-129 us p50
-    /// against 161-172 us on a pool with the broker on a thread of its own, and calls
-    /// per second at 64 in flight went from 0.49-0.52x the direct paths to 0.62-0.65x.
+    /// Measured with `edge-bench hub --embedded` (2 CPUs, interleaved runs, before the
+    /// hub reached its broker in memory): on one thread with the broker, a device
+    /// through the hub answered at 125-129 us p50 against 161-172 us on a pool with the
+    /// broker on a thread of its own, and calls per second at 64 in flight went from
+    /// 0.49-0.52x the direct paths to 0.62-0.65x.
     /// With `--broker`, one thread took less CPU per call but answered no sooner, and
     /// relayed a device later (1.9x the direct path at p50 against 1.4-1.5x), so a pool
     /// stays the default there.
