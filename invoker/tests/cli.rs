@@ -327,6 +327,64 @@ async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_
     host.stop().await.expect("clean stop");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_broker_at_an_ipv6_address_is_named_by_the_bare_address() {
+    testkit::init_logging();
+    let pki = testkit::TestPki::generate("edge test CA").expect("pki");
+    // Mosquitto is waited for on 127.0.0.1; the TLS listener on ::1 is waited for here.
+    let (plain, v6) = (free_port().expect("port"), free_port().expect("port"));
+    let _mosquitto = Mosquitto::start_config(
+        &[plain],
+        &format!(
+            "allow_anonymous true\nlistener {plain} 127.0.0.1\nlistener {v6} ::1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\n",
+            pki.file("ca.pem").display(),
+            pki.file("server.pem").display(),
+            pki.file("server.key").display(),
+        ),
+    )
+    .expect("mosquitto");
+    edge_proto::client::wait_listening(
+        std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v6)),
+        Duration::from_secs(10),
+    )
+    .expect("mosquitto listens on ::1");
+    let broker = BrokerUrl {
+        tls: true,
+        ..BrokerUrl::tcp("::1", v6)
+    };
+    let handlers = HandlerDir::with(&["echo"]).expect("handlers");
+    let mut config = host_config("ipv6-tls-device", handlers.path(), broker.clone());
+    config.tls.ca_file = Some(pki.file("ca.pem"));
+    let host = TestHost::start(config)
+        .await
+        .expect("the host comes online over TLS on ::1");
+    let ca = pki.file("ca.pem").display().to_string();
+    let out = invoker(
+        &broker,
+        &[
+            "--ca-file",
+            &ca,
+            "--json",
+            "call",
+            "ipv6-tls-device",
+            "echo",
+            "7",
+        ],
+    )
+    .await;
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), r#"{"status":200,"payload":7}"#),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    host.stop().await.expect("clean stop");
+}
+
 /// Runs `edge-invoker --broker URL ARGS...` with the system's trust store replaced by
 /// `cert_file` (rustls-native-certs reads `SSL_CERT_FILE` instead of the system's).
 async fn invoker_trusting(

@@ -100,6 +100,11 @@ mod tests {
         let bracketed =
             options("c", &plain, &Security::default(), Duration::from_secs(5)).expect("options");
         assert_eq!(bracketed.broker_address(), ("[::1]".to_owned(), 1884));
+        // TLS names the server by the bare address.
+        let tls: BrokerUrl = "mqtts://[::1]:8883".parse().expect("valid URL");
+        let named =
+            options("c", &tls, &Security::default(), Duration::from_secs(5)).expect("options");
+        assert_eq!(named.broker_address(), ("::1".to_owned(), 8883));
         let v4: BrokerUrl = "mqtt://127.0.0.1:1884".parse().expect("valid URL");
         let bare =
             options("c", &v4, &Security::default(), Duration::from_secs(5)).expect("options");

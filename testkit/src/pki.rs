@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use tempfile::TempDir;
 
 /// A certificate authority of the test's own, with a server certificate for
-/// 127.0.0.1/localhost and a client certificate, as PEM files in a temporary folder.
+/// 127.0.0.1/::1/localhost and a client certificate, as PEM files in a temporary folder.
 pub struct TestPki {
     dir: TempDir,
 }
@@ -26,7 +26,11 @@ impl TestPki {
         for (file, names) in [
             (
                 "server",
-                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+                vec![
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "::1".to_owned(),
+                ],
             ),
             ("client", vec!["edge-test-client".to_owned()]),
         ] {

@@ -9,8 +9,7 @@ use edge_proto::BrokerUrl;
 use edge_proto::backoff::Backoff;
 use edge_proto::transport::Security;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
-    SubscribeReasonCode,
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, SubscribeReasonCode,
 };
 use tracing::{debug, warn};
 
@@ -19,10 +18,6 @@ use crate::call::CallError;
 
 /// How long the broker may take to accept the connection (TCP and CONNACK).
 pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// The largest MQTT packet sent or received: a 128 KiB payload with its topic fits
-/// with room to spare.
-const MAX_PACKET: usize = 1024 * 1024;
 
 /// How many requests (publish, subscribe) may queue for the event loop.
 const REQUEST_QUEUE: usize = 256;
@@ -87,27 +82,17 @@ pub(super) async fn connect(options: &ConnectOptions) -> Result<Connected, CallE
         broker: broker.clone(),
         reason,
     };
-    let host = if options.broker.host.contains(':') {
-        format!("[{}]", options.broker.host)
-    } else {
-        options.broker.host.clone()
-    };
-    let mut mqtt = MqttOptions::new(client_id.clone(), host, options.broker.port);
-    mqtt.set_clean_session(true)
-        .set_keep_alive(options.keep_alive.max(Duration::from_secs(1)))
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-    options
-        .security
-        .apply(&options.broker, &mut mqtt)
-        .map_err(|e| connect_error(e.to_string()))?;
+    let mut mqtt = edge_proto::client::options(
+        &client_id,
+        &options.broker,
+        &options.security,
+        options.keep_alive,
+    )
+    .map_err(|e| connect_error(e.to_string()))?;
     if let Some(connector) = &options.in_process {
         mqtt.set_transport(rumqttc::Transport::Custom(connector.clone()));
     }
-    let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_QUEUE);
-    let mut network = NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    network.set_connection_timeout(CONNECT_WAIT.as_secs());
-    eventloop.set_network_options(network);
+    let (client, mut eventloop) = edge_proto::client::start(mqtt, REQUEST_QUEUE, CONNECT_WAIT);
 
     loop {
         match eventloop.poll().await {
