@@ -15,7 +15,7 @@ use edge_proto::iothub::{
 };
 
 use crate::config::{self, Config};
-use crate::registry::Registry;
+use crate::registry::{DeviceChange, Registry};
 
 /// A local Azure IoT Hub for direct methods: IoT Hub's device protocol (MQTT over
 /// TLS) and service API (HTTPS), relayed to an edge-methods MQTT backend.
@@ -213,16 +213,12 @@ pub fn execute(config: &Config, command: &Command, out: &mut dyn Write) -> anyho
             x509_thumbprints,
             x509_ca,
         }) => {
-            registry.add_device(id, (None, None), None)?;
-            if !x509_thumbprints.is_empty()
-                && let Err(e) = registry.set_thumbprints(id, x509_thumbprints.clone())
-            {
-                registry.remove_device(id, None)?;
-                return Err(e.into());
-            }
-            if *x509_ca {
-                registry.set_x509_ca(id, true)?;
-            }
+            let change = DeviceChange {
+                thumbprints: (!x509_thumbprints.is_empty()).then(|| x509_thumbprints.clone()),
+                x509_ca: x509_ca.then_some(true),
+                ..DeviceChange::default()
+            };
+            registry.put_device(id, change, None)?;
             writeln!(
                 out,
                 "Registered device '{id}' in {}.",

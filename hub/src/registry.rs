@@ -87,6 +87,20 @@ pub struct Device {
     pub x509_ca: bool,
 }
 
+/// What a `PUT /devices/{id}` sets: what is `None` is kept, or for a new device takes
+/// its default (keys generated, enabled, no certificates).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeviceChange {
+    /// The primary and secondary keys.
+    pub keys: (Option<String>, Option<String>),
+    /// `enabled` or `disabled`.
+    pub status: Option<String>,
+    /// The thumbprints of the self-signed certificates it may connect with.
+    pub thumbprints: Option<Vec<String>>,
+    /// Whether it may connect with a certificate a registered CA signed.
+    pub x509_ca: Option<bool>,
+}
+
 /// A CA certificate the registry trusts to sign device certificates, as IoT Hub's
 /// verified CA certificates (`az iot hub certificate create --verified`): whoever can
 /// write the registry is trusted to have checked that the CA is theirs.
@@ -384,42 +398,61 @@ impl Registry {
     }
 
     /// Creates or updates a device, as IoT Hub's `PUT /devices/{id}`: without
-    /// `if_match` the device must not exist; with it (`*` or the etag) it may. Keys
-    /// given as `None` are kept, or generated for a new device.
+    /// `if_match` the device must not exist; with it (`*` or the etag) it may. What
+    /// `change` leaves `None` is kept, or takes its default for a new device. All of it
+    /// is checked before anything is written, and written at once: a refused change
+    /// leaves the registry as it was.
     ///
     /// # Errors
-    /// As [`Registry::add_device`], and [`RegistryError::EtagMismatch`].
+    /// As [`Registry::add_device`], [`RegistryError::BadThumbprint`] and
+    /// [`RegistryError::EtagMismatch`].
     pub fn put_device(
         &self,
         id: &str,
-        keys: (Option<String>, Option<String>),
-        status: Option<String>,
+        change: DeviceChange,
         if_match: Option<&str>,
     ) -> Result<Device, RegistryError> {
         check_device_id(id)?;
-        self.change(|doc| match (doc.devices.get_mut(id), if_match) {
-            (None, _) => {
-                let device = new_device(id, keys, status)?;
-                doc.devices.insert(id.to_owned(), device.clone());
-                Ok(device)
+        if let Some(thumbprints) = &change.thumbprints {
+            check_thumbprints(thumbprints)?;
+        }
+        let DeviceChange {
+            keys,
+            status,
+            thumbprints,
+            x509_ca,
+        } = change;
+        self.change(|doc| {
+            let device = match (doc.devices.get_mut(id), if_match) {
+                (None, _) => {
+                    let device = new_device(id, keys, status)?;
+                    doc.devices.entry(id.to_owned()).or_insert(device)
+                }
+                (Some(_), None) => return Err(RegistryError::Exists(id.to_owned())),
+                (Some(device), Some(etag)) => {
+                    if !etag_matches(etag, &device.etag) {
+                        return Err(RegistryError::EtagMismatch(id.to_owned()));
+                    }
+                    if let Some(key) = keys.0 {
+                        device.primary_key = checked_key(id, key)?;
+                    }
+                    if let Some(key) = keys.1 {
+                        device.secondary_key = checked_key(id, key)?;
+                    }
+                    if let Some(status) = status {
+                        device.status = status;
+                    }
+                    device.etag = new_etag();
+                    device
+                }
+            };
+            if let Some(thumbprints) = thumbprints {
+                device.x509_thumbprints = thumbprints;
             }
-            (Some(_), None) => Err(RegistryError::Exists(id.to_owned())),
-            (Some(device), Some(etag)) => {
-                if !etag_matches(etag, &device.etag) {
-                    return Err(RegistryError::EtagMismatch(id.to_owned()));
-                }
-                if let Some(key) = keys.0 {
-                    device.primary_key = checked_key(id, key)?;
-                }
-                if let Some(key) = keys.1 {
-                    device.secondary_key = checked_key(id, key)?;
-                }
-                if let Some(status) = status {
-                    device.status = status;
-                }
-                device.etag = new_etag();
-                Ok(device.clone())
+            if let Some(x509_ca) = x509_ca {
+                device.x509_ca = x509_ca;
             }
+            Ok(device.clone())
         })
     }
 
@@ -450,12 +483,7 @@ impl Registry {
     /// [`RegistryError::NotFound`], [`RegistryError::BadThumbprint`], or a failure to
     /// write.
     pub fn set_thumbprints(&self, id: &str, thumbprints: Vec<String>) -> Result<(), RegistryError> {
-        for thumbprint in &thumbprints {
-            let hex = thumbprint.trim();
-            if !matches!(hex.len(), 40 | 64) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(RegistryError::BadThumbprint(thumbprint.clone()));
-            }
-        }
+        check_thumbprints(&thumbprints)?;
         self.change_identity(id, |device| device.x509_thumbprints = thumbprints)
     }
 
@@ -652,6 +680,17 @@ fn default_policies() -> Vec<Policy> {
     .collect()
 }
 
+/// Refuses a thumbprint that is not 40 or 64 hex digits (SHA-1 or SHA-256).
+fn check_thumbprints(thumbprints: &[String]) -> Result<(), RegistryError> {
+    for thumbprint in thumbprints {
+        let hex = thumbprint.trim();
+        if !matches!(hex.len(), 40 | 64) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RegistryError::BadThumbprint(thumbprint.clone()));
+        }
+    }
+    Ok(())
+}
+
 fn new_device(
     id: &str,
     (primary, secondary): (Option<String>, Option<String>),
@@ -802,6 +841,51 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_put_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(dir.path()).expect("opens");
+        let bad = DeviceChange {
+            status: Some("disabled".into()),
+            thumbprints: Some(vec!["xyz".into()]),
+            x509_ca: Some(true),
+            ..DeviceChange::default()
+        };
+        assert!(matches!(
+            registry.put_device("d1", bad.clone(), None),
+            Err(RegistryError::BadThumbprint(_))
+        ));
+        assert_eq!(registry.device("d1").expect("reads"), None, "not created");
+        let before = registry
+            .put_device("d1", DeviceChange::default(), None)
+            .expect("creates");
+        assert!(matches!(
+            registry.put_device("d1", bad, Some("*")),
+            Err(RegistryError::BadThumbprint(_))
+        ));
+        assert_eq!(
+            registry.device("d1").expect("reads"),
+            Some(before),
+            "not changed"
+        );
+        let thumbprint = "ab".repeat(32);
+        let after = registry
+            .put_device(
+                "d1",
+                DeviceChange {
+                    thumbprints: Some(vec![thumbprint.clone()]),
+                    x509_ca: Some(true),
+                    ..DeviceChange::default()
+                },
+                Some("*"),
+            )
+            .expect("changes");
+        assert_eq!(
+            (after.x509_thumbprints, after.x509_ca),
+            (vec![thumbprint], true)
+        );
+    }
+
+    #[test]
     fn the_generation_moves_at_once_for_own_changes_and_within_recheck_for_others() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = Registry::open(dir.path()).expect("opens");
@@ -884,7 +968,7 @@ mod tests {
             Err(RegistryError::NotFound(_))
         ));
         assert!(matches!(
-            registry.put_device("d1", (None, None), None, Some("\"wrong\"")),
+            registry.put_device("d1", DeviceChange::default(), Some("\"wrong\"")),
             Err(RegistryError::EtagMismatch(_))
         ));
         registry

@@ -35,7 +35,7 @@ use crate::device::same_host;
 use crate::error::ApiError;
 use crate::jobs::Jobs;
 use crate::query;
-use crate::registry::{Device, Registry, RegistryError, Right};
+use crate::registry::{Device, DeviceChange, Registry, RegistryError, Right};
 
 /// The largest request body read: a 128 KiB payload with its JSON around it, escaped.
 const MAX_BODY: usize = 4 * MAX_PAYLOAD;
@@ -479,37 +479,22 @@ async fn put_device(
             )));
         }
     };
+    let change = DeviceChange {
+        keys: (key("primaryKey"), key("secondaryKey")),
+        status,
+        thumbprints,
+        // Only a request that names an authentication type changes it.
+        x509_ca: auth_type.map(|t| t == "certificateAuthority"),
+    };
     let if_match = if_match(&headers);
-    let keys = (key("primaryKey"), key("secondaryKey"));
-    // Only a request that names an authentication type changes it.
-    let x509_ca = auth_type.map(|t| t == "certificateAuthority");
     let device = service
         .registry
         .off_loop({
             let id = id.clone();
-            move |registry| {
-                let device = registry.put_device(&id, keys, status, if_match.as_deref())?;
-                let x509_ca = x509_ca.filter(|ca| *ca != device.x509_ca);
-                if thumbprints.is_none() && x509_ca.is_none() {
-                    return Ok(Some(device));
-                }
-                if let Some(thumbprints) = thumbprints {
-                    registry.set_thumbprints(&id, thumbprints)?;
-                }
-                if let Some(x509_ca) = x509_ca {
-                    registry.set_x509_ca(&id, x509_ca)?;
-                }
-                Ok(None)
-            }
+            move |registry| registry.put_device(&id, change, if_match.as_deref())
         })
         .await
         .map_err(registry_error)?;
-    let device = match device {
-        Some(device) => device,
-        None => service
-            .device(&id)?
-            .ok_or_else(|| ApiError::device_not_found(&id))?,
-    };
     Ok(Json(service.device_json(&id, &device)))
 }
 

@@ -413,6 +413,31 @@ async fn the_registry_routes_create_read_query_and_delete_devices() {
 }
 
 #[tokio::test]
+async fn a_refused_device_put_registers_nothing() {
+    let hub = TestHub::start().await.unwrap();
+    let body = json!({
+        "deviceId": "x1",
+        "authentication": {
+            "type": "selfSigned",
+            "x509Thumbprint": { "primaryThumbprint": "not-a-thumbprint" },
+        },
+    });
+    let refused = hub.rest("PUT", "/devices/x1", Some(&body)).await.unwrap();
+    assert_error(&refused, 400_004);
+    assert!(
+        refused.1["message"]
+            .to_string()
+            .contains("not-a-thumbprint"),
+        "{refused:?}"
+    );
+    assert_error(
+        &hub.rest("GET", "/devices/x1", None).await.unwrap(),
+        404_001,
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn two_hubs_sharing_a_registry_and_a_broker_serve_the_same_devices() {
     let one = TestHub::start().await.unwrap();
     let two = TestHub::start_with(None, Some(one.broker()), Some(&one.config.data_dir))
