@@ -383,8 +383,9 @@ struct Rest {
     path: String,
     /// The request body: `{"methodName","payload","responseTimeoutInSeconds"}`.
     body: Bytes,
-    /// The payload the answer must carry.
-    payload: serde_json::Value,
+    /// The payload the answer must carry, as the body has it: the hub passes the
+    /// device's JSON on as text, so it is compared as text, as [`Direct`] does.
+    payload: String,
 }
 
 impl Rest {
@@ -419,7 +420,7 @@ impl Rest {
             host: format!("localhost:{}", addr.port()),
             path: format!("/twins/{device}/methods?api-version=2021-04-12"),
             body: Bytes::from(body.to_string()),
-            payload,
+            payload: payload.to_string(),
         })
     }
 }
@@ -453,17 +454,22 @@ impl Client for Rest {
                 echoed: false,
             };
         }
-        match serde_json::from_slice::<serde_json::Value>(&body) {
+        match serde_json::from_slice::<Answer<'_>>(&body) {
             Ok(answer) => Reply::Answered {
-                status: answer["status"]
-                    .as_u64()
-                    .and_then(|s| u16::try_from(s).ok())
-                    .unwrap_or(0),
-                echoed: answer["payload"] == self.payload,
+                status: answer.status,
+                echoed: answer.payload.get() == self.payload,
             },
             Err(error) => Reply::Failed(format!("the answer is not JSON: {error}")),
         }
     }
+}
+
+/// The hub's answer to a method call.
+#[derive(serde::Deserialize)]
+struct Answer<'a> {
+    status: u16,
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
 }
 
 /// Calls through `client` until `process` answers 200.
