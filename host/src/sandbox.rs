@@ -155,7 +155,7 @@ impl Compiler {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
         DeviceHandler::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)
             .context("linking the host interface")?;
-        start_epoch_ticker(&engine);
+        Ticker::global().add(&engine);
         Ok(Self {
             tier,
             engine,
@@ -462,6 +462,7 @@ fn list_methods(
         .enable_time()
         .build()
         .context("starting a runtime to load the handler")?;
+    let _running = Ticker::global().running();
     let mut store = new_store(engine, context, "(load)", "-", LOAD_DEADLINE)
         .map_err(|e| wasmtime::format_err!("{e}"))?;
     // The deadline's timer is made inside the runtime: on its clock, not a caller's.
@@ -590,23 +591,114 @@ fn at_epoch_tick(store: StoreContextMut<'_, CallState>) -> wasmtime::Result<Upda
     })
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own, until the
-/// engine is dropped.
-fn start_epoch_ticker(engine: &Engine) {
-    let weak = engine.weak();
-    let spawned = std::thread::Builder::new()
-        .name("epoch-ticker".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        });
-    if let Err(e) = spawned {
-        // Without the ticker no deadline fires: say so loudly, but the host can serve.
-        tracing::error!(error = %e, "could not start the epoch ticker; call deadlines will not be enforced");
+/// Advances the epoch of every engine it was given, every [`EPOCH_TICK`], while wasm
+/// runs in any of them ([`Ticker::running`]), on a thread of its own. While none does,
+/// the thread stays parked: an idle host is not woken 200 times a second per engine.
+struct Ticker {
+    engines: Mutex<Vec<wasmtime::EngineWeak>>,
+    /// How many [`Running`] guards are held.
+    running: AtomicUsize,
+    /// How many times the epoch advanced.
+    ticks: AtomicU64,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+/// Held while wasm may run: the epoch advances until the last one is dropped.
+struct Running<'t>(&'t Ticker);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+impl Ticker {
+    /// A ticker with its thread started.
+    fn start() -> Arc<Self> {
+        let ticker = Arc::new(Self {
+            engines: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            ticks: AtomicU64::new(0),
+            thread: OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&ticker);
+        let spawned = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || Self::run(&weak));
+        match spawned {
+            Ok(handle) => {
+                let _ = ticker.thread.set(handle.thread().clone());
+            }
+            // Without the ticker no deadline fires: say so loudly, but the host can serve.
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the epoch ticker; call deadlines will not be enforced");
+            }
+        }
+        ticker
+    }
+
+    /// The process's ticker, which every engine's epoch is advanced by.
+    fn global() -> &'static Self {
+        static TICKER: OnceLock<Arc<Ticker>> = OnceLock::new();
+        TICKER.get_or_init(Self::start)
+    }
+
+    /// Advances `engine`'s epoch too, for as long as it lives.
+    fn add(&self, engine: &Engine) {
+        lock(&self.engines).push(engine.weak());
+    }
+
+    /// Makes the epoch advance until the guard is dropped: taken before any wasm
+    /// runs (instantiating runs it too), or a handler that spins could never be
+    /// stopped.
+    fn running(&self) -> Running<'_> {
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Running(self)
+    }
+
+    fn run(ticker: &std::sync::Weak<Self>) {
+        loop {
+            let Some(this) = ticker.upgrade() else {
+                return;
+            };
+            if this.running.load(Ordering::Acquire) == 0 {
+                drop(this);
+                // Woken by the next `running`, or spuriously: either way, look again.
+                std::thread::park();
+                continue;
+            }
+            drop(this);
+            std::thread::sleep(EPOCH_TICK);
+            let Some(this) = ticker.upgrade() else {
+                return;
+            };
+            if this.running.load(Ordering::Acquire) > 0 {
+                lock(&this.engines).retain(|weak| {
+                    weak.upgrade()
+                        .map(|engine| engine.increment_epoch())
+                        .is_some()
+                });
+                this.ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        // Lets a parked thread see that the ticker is gone, and end.
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn check_methods(methods: &[MethodInfo]) -> wasmtime::Result<()> {
@@ -786,6 +878,7 @@ impl Job {
     /// dropped with it.
     async fn run(&self) {
         let outcome = async {
+            let _running = Ticker::global().running();
             let mut store = new_store(
                 &self.engine,
                 &self.context,
@@ -923,6 +1016,7 @@ impl HandlerCode {
         request: &Request,
         deadline: Duration,
     ) -> Result<(Response, Spent), CallError> {
+        let _running = Ticker::global().running();
         let expires = tokio::time::Instant::now() + deadline;
         let Some(max_calls) = self.context.reuse else {
             return self.call_fresh(request, deadline, expires).await;
@@ -1167,6 +1261,41 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_epoch_advances_only_while_wasm_may_run() {
+        let ticker = Ticker::start();
+        let engine = Engine::default();
+        ticker.add(&engine);
+        let ticks = || ticker.ticks.load(Ordering::Relaxed);
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(ticks(), 0, "no tick while nothing runs");
+        {
+            let _running = ticker.running();
+            let waited = Instant::now();
+            while ticks() < 2 {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "the epoch advances while wasm may run"
+                );
+                std::thread::sleep(EPOCH_TICK);
+            }
+        }
+        let settled = ticks();
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(ticks(), settled, "parked again once nothing runs");
+        {
+            let _running = ticker.running();
+            let waited = Instant::now();
+            while ticks() == settled {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "woken again by the next run"
+                );
+                std::thread::sleep(EPOCH_TICK);
+            }
+        }
+    }
 
     /// An error whose cause is an OS error, as the memfd crate's are.
     #[derive(Debug)]
