@@ -235,6 +235,28 @@ impl Process {
         cpu_time(self.child.id())
     }
 
+    /// How many times its threads have been switched out so far (voluntary and not,
+    /// all threads alive now): each a wake-up when it idles.
+    ///
+    /// # Errors
+    /// When `/proc/PID/task` cannot be read (the process is gone).
+    pub fn context_switches(&self) -> anyhow::Result<u64> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut switches = 0;
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+            // A thread that ended meanwhile has no status left to read.
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            switches += status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Ok(switches)
+    }
+
     /// Its resident memory now (`VmRSS`), in bytes.
     ///
     /// # Errors

@@ -3,7 +3,9 @@
 //! retained presence `online` reaching a subscriber (it publishes presence after it has
 //! loaded every handler, connected and subscribed) is its time to ready, with the
 //! compiled-code cache cold (an empty folder) and warm (the same folder, next start).
-//! Then its resident memory once it has idled a second.
+//! Then its resident memory once it has idled a second, and how often it wakes up and
+//! how much CPU it uses while it idles on (an edge device's CPU sleeps deeper the
+//! fewer wake-ups it is given).
 //!
 //! The handlers are copies of the `named` fixture, each told its method name by its
 //! sidecar, and each made distinct by a custom section holding its number: with
@@ -35,6 +37,10 @@ pub struct Options {
     /// How long the host idles after ready before its RSS is read, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     idle_ms: u64,
+    /// Over how long, after that, its wake-ups and CPU time idling are counted, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    idle_window_ms: u64,
 }
 
 /// What the starts of one kind measured.
@@ -42,6 +48,16 @@ pub struct Options {
 struct Starts {
     ready: Vec<Duration>,
     rss: Vec<u64>,
+    idle: Vec<Idle>,
+}
+
+/// How a host idled, per second.
+#[derive(Debug, Clone, Copy)]
+struct Idle {
+    /// Its threads' context switches: each a wake-up.
+    wakeups: f64,
+    /// Its CPU time.
+    cpu: Duration,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -68,7 +84,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         // by it for the second.
         let cache = tempfile::tempdir().context("creating a cache folder")?;
         for starts in [&mut cold, &mut warm] {
-            let (ready, rss) = start_once(
+            let (ready, rss, idle) = start_once(
                 &broker,
                 handlers.path(),
                 cache.path(),
@@ -78,6 +94,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .await?;
             starts.ready.push(ready);
             starts.rss.push(rss);
+            starts.idle.push(idle);
         }
     }
 
@@ -117,7 +134,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             mib(samples.percentile(100.0))
         );
     }
+    println!(
+        "host idling for {} ms after that: wake-ups (context switches, all threads) and CPU per second",
+        options.idle_window_ms
+    );
+    for (label, starts) in [("started cold", &cold), ("started warm", &warm)] {
+        let wakeups = median(starts.idle.iter().map(|i| i.wakeups));
+        let cpu = median(starts.idle.iter().map(|i| i.cpu.as_secs_f64() * 1e3));
+        println!("  {label:<26} median {wakeups:>7.1} wake-ups/s  {cpu:>6.2} ms CPU/s");
+    }
     Ok(())
+}
+
+/// The median of `values`.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// Writes `count` handlers `named-NN.wasm`, each with a sidecar naming its method
@@ -165,14 +202,14 @@ fn leb128(out: &mut Vec<u8>, mut n: usize) {
 }
 
 /// Starts a host, times it to ready, checks that it serves every handler, lets it
-/// idle, reads its RSS and stops it.
+/// idle, reads its RSS, counts its wake-ups and CPU time idling on, and stops it.
 async fn start_once(
     broker: &Mosquitto,
     handlers: &Path,
     cache: &Path,
     presence: &mut RawClient,
     options: &Options,
-) -> anyhow::Result<(Duration, u64)> {
+) -> anyhow::Result<(Duration, u64, Idle)> {
     let topic = Namespace::for_device(DEVICE)?.presence_topic();
     let is_presence = |t: &str| t == topic;
     // Clear the retained presence, and read up to our own empty message, so that what
@@ -211,6 +248,17 @@ async fn start_once(
     tokio::time::sleep(Duration::from_millis(options.idle_ms)).await;
     host.check_running()?;
     let rss = host.rss()?;
+    let window = Duration::from_millis(options.idle_window_ms.max(1));
+    let (switches, cpu) = (host.context_switches()?, host.cpu_time()?);
+    tokio::time::sleep(window).await;
+    let idle = Idle {
+        wakeups: host.context_switches()?.saturating_sub(switches) as f64 / window.as_secs_f64(),
+        cpu: host
+            .cpu_time()?
+            .saturating_sub(cpu)
+            .div_f64(window.as_secs_f64()),
+    };
+    host.check_running()?;
     host.stop()?;
-    Ok((ready, rss))
+    Ok((ready, rss, idle))
 }
