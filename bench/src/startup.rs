@@ -20,7 +20,7 @@ use edge_proto::{Namespace, Presence};
 use testkit::{Mosquitto, RawClient, guest};
 
 use crate::process::{self, DEVICE, Process};
-use crate::stats::{Samples, mib, ms};
+use crate::stats::{Samples, median, mib, ms};
 
 /// How long a host may take to come online.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,11 +51,11 @@ struct Starts {
     idle: Vec<Idle>,
 }
 
-/// How a host idled, per second.
+/// What a host did while it idled for `--idle-window-ms`.
 #[derive(Debug, Clone, Copy)]
 struct Idle {
     /// Its threads' context switches: each a wake-up.
-    wakeups: f64,
+    switches: u64,
     /// Its CPU time.
     cpu: Duration,
 }
@@ -138,23 +138,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "host idling for {} ms after that: wake-ups (context switches, all threads) and CPU per second",
         options.idle_window_ms
     );
+    let window_s = Duration::from_millis(options.idle_window_ms.max(1)).as_secs_f64();
     for (label, starts) in [("started cold", &cold), ("started warm", &warm)] {
-        let wakeups = median(starts.idle.iter().map(|i| i.wakeups));
-        let cpu = median(starts.idle.iter().map(|i| i.cpu.as_secs_f64() * 1e3));
-        println!("  {label:<26} median {wakeups:>7.1} wake-ups/s  {cpu:>6.2} ms CPU/s");
+        let switches: Vec<u64> = starts.idle.iter().map(|idle| idle.switches).collect();
+        let cpu: Vec<Duration> = starts.idle.iter().map(|idle| idle.cpu).collect();
+        println!(
+            "  {label:<26} median {:>7.1} wake-ups/s  {:>6.2} ms CPU/s",
+            median(&switches) as f64 / window_s,
+            median(&cpu).as_secs_f64() * 1e3 / window_s
+        );
     }
     Ok(())
-}
-
-/// The median of `values`.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// Writes `count` handlers `named-NN.wasm`, each with a sidecar naming its method
@@ -248,15 +242,11 @@ async fn start_once(
     tokio::time::sleep(Duration::from_millis(options.idle_ms)).await;
     host.check_running()?;
     let rss = host.rss()?;
-    let window = Duration::from_millis(options.idle_window_ms.max(1));
     let (switches, cpu) = (host.context_switches()?, host.cpu_time()?);
-    tokio::time::sleep(window).await;
+    tokio::time::sleep(Duration::from_millis(options.idle_window_ms.max(1))).await;
     let idle = Idle {
-        wakeups: host.context_switches()?.saturating_sub(switches) as f64 / window.as_secs_f64(),
-        cpu: host
-            .cpu_time()?
-            .saturating_sub(cpu)
-            .div_f64(window.as_secs_f64()),
+        switches: host.context_switches()?.saturating_sub(switches),
+        cpu: host.cpu_time()?.saturating_sub(cpu),
     };
     host.check_running()?;
     host.stop()?;
