@@ -57,8 +57,8 @@ use bindings::{DeviceHandler, DeviceHandlerPre};
 /// instances, reset page by page; see [`engine`].
 const KEEP_RESIDENT: usize = 2 * 1024 * 1024;
 
-/// How often the epoch advances: how often running wasm yields to the executor, and
-/// the granularity of call deadlines.
+/// How often the epoch advances while wasm may run: how often running wasm yields to
+/// the executor, and the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// How long a handler may take to list its methods when it is loaded.
@@ -148,8 +148,8 @@ struct Compiler {
 }
 
 impl Compiler {
-    /// The linker of `engine` (WASI p2 and the host interface), and the engine's epoch
-    /// ticker started.
+    /// The linker of `engine` (WASI p2 and the host interface), and the engine given to
+    /// the process's epoch [`Ticker`].
     fn new(tier: Tier, engine: Engine) -> wasmtime::Result<Self> {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
