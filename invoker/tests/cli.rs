@@ -19,6 +19,19 @@ async fn invoker(broker: &BrokerUrl, args: &[&str]) -> Output {
         .expect("edge-invoker runs")
 }
 
+/// Asserts that `--json call ... echo 7` exited 0 and printed the echo's answer.
+fn assert_answered_7(out: &Output) {
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), r#"{"status":200,"payload":7}"#),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a `--json` call and returns the exit code and the JSON printed.
 async fn call_json(broker: &BrokerUrl, args: &[&str]) -> (i32, Value) {
     let mut all = vec!["--json", "call"];
@@ -305,15 +318,7 @@ async fn tls_flags_take_the_invoker_to_a_tls_broker_and_a_wrong_ca_is_one_clear_
     args.extend(["--json", "call", "tls-cli-device", "echo", "7"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = invoker(&broker, &args).await;
-    assert_eq!(
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ),
-        (Some(0), r#"{"status":200,"payload":7}"#),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_answered_7(&out);
 
     let mut args = tls_args(&other);
     args.extend(["call", "tls-cli-device", "echo", "7"].map(String::from));
@@ -373,15 +378,7 @@ async fn a_tls_broker_at_an_ipv6_address_is_named_by_the_bare_address() {
         ],
     )
     .await;
-    assert_eq!(
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ),
-        (Some(0), r#"{"status":200,"payload":7}"#),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_answered_7(&out);
     host.stop().await.expect("clean stop");
 }
 
@@ -438,15 +435,7 @@ async fn a_client_certificate_without_a_ca_file_trusts_the_systems_roots() {
         "7",
     ];
     let out = invoker_trusting(&broker, &pki.file("ca.pem"), &args).await;
-    assert_eq!(
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ),
-        (Some(0), r#"{"status":200,"payload":7}"#),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_answered_7(&out);
     host.stop().await.expect("clean stop");
 }
 
