@@ -9,7 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Attempt, TestHub, connect_device, connect_raw, connect_raw_with, method_device, username,
+    Attempt, TestHub, connect_device, connect_for_methods, connect_raw, connect_raw_with,
+    method_device, username,
 };
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use rumqttc::{ConnectReturnCode, Packet, QoS};
@@ -145,12 +146,7 @@ async fn on_its_embedded_broker_a_device_is_online_only_while_connected() {
 /// offline once it disconnects or its connection is lost; a call then finds it offline.
 async fn online_only_while_connected(hub: TestHub) {
     let key = hub.add_device("d1");
-    let connect = async || {
-        let mut device = connect_device(&hub, "d1", &key).await.unwrap();
-        device.subscribe("$iothub/methods/POST/#").await.unwrap();
-        device
-    };
-    let mut device = connect().await;
+    let mut device = connect_for_methods(&hub, "d1", &key).await.unwrap();
     testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
         .await
         .unwrap();
@@ -166,7 +162,7 @@ async fn online_only_while_connected(hub: TestHub) {
         .unwrap_err();
     assert!(matches!(error, CallError::NotOnline { .. }), "{error:?}");
     // Back, then gone without DISCONNECT (its socket dropped).
-    let device = connect().await;
+    let device = connect_for_methods(&hub, "d1", &key).await.unwrap();
     testkit::presence(&hub.broker(), "d1", true, Duration::from_secs(5))
         .await
         .unwrap();

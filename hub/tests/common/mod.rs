@@ -383,7 +383,13 @@ pub async fn connect_device(hub: &TestHub, id: &str, key: &str) -> anyhow::Resul
 /// device callers can reach.
 pub async fn method_device(hub: &TestHub, id: &str) -> anyhow::Result<RawDevice> {
     let key = hub.add_device(id);
-    let mut device = connect_device(hub, id, &key).await?;
+    connect_for_methods(hub, id, &key).await
+}
+
+/// Registered device `id`, with `key`, connected and subscribed to its method
+/// requests.
+pub async fn connect_for_methods(hub: &TestHub, id: &str, key: &str) -> anyhow::Result<RawDevice> {
+    let mut device = connect_device(hub, id, key).await?;
     device.subscribe("$iothub/methods/POST/#").await?;
     Ok(device)
 }
