@@ -645,7 +645,10 @@ impl Ticker {
 
     /// Advances `engine`'s epoch too, for as long as it lives.
     fn add(&self, engine: &Engine) {
-        lock(&self.engines).push(engine.weak());
+        self.engines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(engine.weak());
     }
 
     /// Makes the epoch advance until the guard is dropped: taken before any wasm
@@ -677,11 +680,14 @@ impl Ticker {
                 return;
             };
             if this.running.load(Ordering::Acquire) > 0 {
-                lock(&this.engines).retain(|weak| {
-                    weak.upgrade()
-                        .map(|engine| engine.increment_epoch())
-                        .is_some()
-                });
+                this.engines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|weak| {
+                        weak.upgrade()
+                            .map(|engine| engine.increment_epoch())
+                            .is_some()
+                    });
                 this.ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -695,10 +701,6 @@ impl Drop for Ticker {
             thread.unpark();
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn check_methods(methods: &[MethodInfo]) -> wasmtime::Result<()> {
