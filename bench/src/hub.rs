@@ -1,23 +1,26 @@
-//! edge-hub beside the direct paths it relays to, in one run, through one Mosquitto
-//! (TCP_NODELAY on), with the release edge-hub as a process of its own:
+//! edge-hub beside the direct paths it relays to, in one run, through one broker
+//! (Mosquitto with TCP_NODELAY on, or with `--embedded` the hub's own), with the
+//! release edge-hub as a process of its own:
 //!
 //! - **Service side**: a method call on an edge-host (the `echo` handler) through the
 //!   hub's REST API (`POST /twins/{id}/methods`, HTTPS with keep-alive, one connection
 //!   per call in flight), beside the same call by edge-invoker's `Caller` straight on
-//!   the broker, the path the hub itself takes behind its REST API. Each row's caller
-//!   is the only client subscribed to the edge-host's answers while it runs (a fresh
-//!   device per round, the direct Caller gone before the REST row): a caller of a
-//!   device receives every answer the device sends, and a second caller's copies would
-//!   weigh on the row measured.
+//!   the broker, the path the hub itself takes behind its REST API, each on an
+//!   edge-host of its own. Each caller is the only client subscribed to its edge-host's
+//!   answers (a fresh pair of devices per round): a caller of a device receives every
+//!   answer the device sends, and a second caller's copies would weigh on the row
+//!   measured.
 //! - **Device side**: the raw responder of [`crate::floor`] connected through the hub
 //!   (MQTT over TLS, a SAS token, bare `$iothub/...` topics: `edge-bench hub-device`),
-//!   beside the same responder connected to the broker, both called by the load
-//!   generator of [`crate::load`] on the broker.
+//!   beside the same responder connected to the broker as another device, each called
+//!   by a load generator of its own ([`crate::load`]) on the broker.
 //!
-//! For each: latency with 1 call in flight (p50, p99), calls per second with 64 in
-//! flight, and for the rows through the hub the hub's CPU time per call; each the
-//! median of the rounds'. Then each hub row's ratios beside DESIGN.md's targets for the
-//! hub: p50 ≤ 1.5× the direct path's, throughput ≥ 0.6×.
+//! For each: latency with 1 call in flight (p50, p99; a hub row and its direct path
+//! timed side by side, in alternating blocks of calls, so that what drifts during a
+//! round, such as where the scheduler puts the processes, weighs on both alike), calls
+//! per second with 64 in flight, and for the rows through the hub the hub's CPU time
+//! per call; each the median of the rounds'. Then each hub row's ratios beside
+//! DESIGN.md's targets for the hub: p50 ≤ 1.5× the direct path's, throughput ≥ 0.6×.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +39,10 @@ use crate::e2e::{Target, deploy_echo, loopback_port, print_ratio, ready};
 use crate::load::{Errors, Generator, LatencyRun, Load, ThroughputRun};
 use crate::process::{self, Backend, DEVICE, Process};
 use crate::stats::{Samples, median, us};
+
+/// The device the responder on the broker serves (the one through the hub is
+/// [`DEVICE`], registered with the hub).
+const BACKEND_DEVICE: &str = "bench-device-backend";
 
 /// The method called: the `echo` handler's, which the responder answers as well.
 const METHOD: &str = "echo";
@@ -146,8 +153,10 @@ struct Setup {
     service_token: String,
     /// [`DEVICE`]'s token, for the responder through the hub.
     device_token: String,
-    /// The load generator on the broker, for the device rows.
+    /// The load generator on the broker calling [`DEVICE`], through the hub.
     load: Generator,
+    /// The load generator on the broker calling [`BACKEND_DEVICE`], on the broker.
+    backend_load: Generator,
     payload: Vec<u8>,
 }
 
@@ -190,6 +199,8 @@ impl Setup {
             None,
         )?;
         let load = Generator::connect(&broker, DEVICE, METHOD, payload.clone()).await?;
+        let backend_load =
+            Generator::connect(&broker, BACKEND_DEVICE, METHOD, payload.clone()).await?;
         Ok(Self {
             _mosquitto: mosquitto,
             broker,
@@ -200,6 +211,7 @@ impl Setup {
             service_token,
             device_token,
             load,
+            backend_load,
             payload,
         })
     }
@@ -261,77 +273,110 @@ async fn measure_round(
     let window = Duration::from_secs(options.load.seconds);
     let mut rounds = Vec::with_capacity(ROWS.len());
 
-    // The service side: one edge-host, called directly, then through the hub. Every
-    // client subscribed to a device's answers receives all of them (the topics carry
-    // no caller), so each row's caller must be the only one: the edge-host serves a
-    // device of this round's own, which the hub's Caller has not called before, and the
-    // direct Caller leaves before the REST row.
-    let device = format!("{DEVICE}-service-{round}");
+    // The service side: two edge-hosts serving echo, one called directly and the
+    // other through the hub, timed side by side. Every client subscribed to a device's
+    // answers receives all of them (the topics carry no caller), so each caller is the
+    // only one on its device: the direct Caller calls a device of its own, and the
+    // hub's Caller a device of this round that it has not called before. The two hosts
+    // swap paths from one round to the next.
     let handlers = tempfile::tempdir().context("creating a handlers folder")?;
-    let cache = tempfile::tempdir().context("creating a cache folder")?;
     deploy_echo(handlers.path(), options.reuse)?;
-    let mut host = Process::host_as(&device, &setup.broker, handlers.path(), cache.path())?;
+    let mut devices = [
+        format!("{DEVICE}-service-{round}a"),
+        format!("{DEVICE}-service-{round}b"),
+    ];
+    let mut hosts = Vec::with_capacity(devices.len());
+    for device in &devices {
+        let cache = tempfile::tempdir().context("creating a cache folder")?;
+        let host = Process::host_as(device, &setup.broker, handlers.path(), cache.path())?;
+        hosts.push((host, cache));
+    }
+    if round.is_multiple_of(2) {
+        devices.swap(0, 1);
+        hosts.swap(0, 1);
+    }
+    let payload = String::from_utf8(setup.payload.clone()).context("the payload is not UTF-8")?;
+    // Each host answers before it is timed, to a Caller gone before the timed ones
+    // subscribe.
+    let probe = Caller::connect(ConnectOptions::new(setup.broker.clone()))
+        .await
+        .context("connecting edge-invoker's Caller")?;
+    for ((host, _), device) in hosts.iter_mut().zip(&devices) {
+        let mut client = Direct {
+            caller: probe.clone(),
+            request: CallRequest::new(device.clone(), METHOD, payload.clone()),
+        };
+        caller_ready(&mut client, host).await?;
+    }
+    probe.disconnect().await;
+    let [direct_device, rest_device] = &devices;
     let caller = Caller::connect(ConnectOptions::new(setup.broker.clone()))
         .await
         .context("connecting edge-invoker's Caller")?;
-    let request = CallRequest::new(
-        device.clone(),
-        METHOD,
-        String::from_utf8(setup.payload.clone()).context("the payload is not UTF-8")?,
-    );
     let direct = || Direct {
         caller: caller.clone(),
-        request: request.clone(),
+        request: CallRequest::new(direct_device.clone(), METHOD, payload.clone()),
     };
-    caller_ready(&mut direct(), &mut host).await?;
-    let latency = latency_of(&mut direct(), options.load.warmup, options.load.calls).await;
-    let callers = (0..options.load.in_flight).map(|_| direct()).collect();
-    let hub = &setup.hub;
-    let throughput = throughput_of(callers, window, || hub.cpu_time()).await?;
-    rounds.push((latency, throughput));
-    caller.disconnect().await;
-
     let tls = crate::floor::client_tls(&setup.ca())?;
     let connect = || {
         Rest::connect(
             setup.https,
             &tls,
             &setup.service_token,
-            &device,
+            rest_device,
             &setup.payload,
         )
     };
-    let latency = latency_of(
-        &mut connect().await?,
+    let (mut one_direct, mut one_rest) = (direct(), connect().await?);
+    let (direct_latency, rest_latency) = latency_paired(
+        async |warmup, calls| Ok(latency_of(&mut one_direct, warmup, calls).await),
+        async |warmup, calls| Ok(latency_of(&mut one_rest, warmup, calls).await),
         options.load.warmup,
         options.load.calls,
     )
-    .await;
+    .await?;
+    let hub = &setup.hub;
+    let callers = (0..options.load.in_flight).map(|_| direct()).collect();
+    let throughput = throughput_of(callers, window, || hub.cpu_time()).await?;
+    rounds.push((direct_latency, throughput));
+    caller.disconnect().await;
     let mut clients = Vec::with_capacity(options.load.in_flight);
     for _ in 0..options.load.in_flight {
         clients.push(connect().await?);
     }
     let throughput = throughput_of(clients, window, || hub.cpu_time()).await?;
-    rounds.push((latency, throughput));
-    host.check_running()?;
-    host.stop()?;
+    rounds.push((rest_latency, throughput));
+    for (mut host, _cache) in hosts {
+        host.check_running()?;
+        host.stop()?;
+    }
 
-    // The device side: the responder on the broker, then through the hub.
-    for through_hub in [false, true] {
-        let mut responder = if through_hub {
-            Process::hub_device(setup.mqtts.port(), &setup.ca(), &setup.device_token)?
-        } else {
-            Process::floor(&setup.broker)?
-        };
-        let status = ready(&mut setup.load, &mut responder).await?;
+    // The device side: the responder on the broker and the responder through the hub,
+    // each a device of its own called by a load generator of its own, timed side by
+    // side.
+    let mut on_broker = Process::floor_as(&setup.broker, BACKEND_DEVICE)?;
+    let mut through_hub =
+        Process::hub_device(setup.mqtts.port(), &setup.ca(), &setup.device_token)?;
+    for (load, responder) in [
+        (&mut setup.backend_load, &mut on_broker),
+        (&mut setup.load, &mut through_hub),
+    ] {
+        let status = ready(load, responder).await?;
         anyhow::ensure!(status == 200, "{} answers {status}", responder.name());
-        let latency = setup
-            .load
-            .latency(options.load.warmup, options.load.calls)
-            .await?;
+    }
+    let latencies = latency_paired(
+        async |warmup, calls| setup.backend_load.latency(warmup, calls).await,
+        async |warmup, calls| setup.load.latency(warmup, calls).await,
+        options.load.warmup,
+        options.load.calls,
+    )
+    .await?;
+    for (load, mut responder, latency) in [
+        (&mut setup.backend_load, on_broker, latencies.0),
+        (&mut setup.load, through_hub, latencies.1),
+    ] {
         let hub = &setup.hub;
-        let throughput = setup
-            .load
+        let throughput = load
             .throughput(options.load.in_flight, THROUGHPUT_WARMUP, window, || {
                 hub.cpu_time()
             })
@@ -505,6 +550,35 @@ fn check(errors: &mut Errors, reply: Reply) -> bool {
     }
 }
 
+/// How many calls in a row one path makes before the other's turn, when two are timed
+/// side by side.
+const BLOCK: usize = 100;
+
+/// Times two paths at one call in flight, `calls` calls each after `warmup` each, in
+/// alternating blocks of [`BLOCK`] calls, so that whatever drifts while they run (other
+/// work, where the scheduler puts the processes) weighs on both alike. `a` and `b`
+/// make the calls they are asked for (warm-up calls, then timed ones), as
+/// [`latency_of`] does.
+async fn latency_paired(
+    mut a: impl AsyncFnMut(usize, usize) -> anyhow::Result<LatencyRun>,
+    mut b: impl AsyncFnMut(usize, usize) -> anyhow::Result<LatencyRun>,
+    warmup: usize,
+    calls: usize,
+) -> anyhow::Result<(LatencyRun, LatencyRun)> {
+    let mut runs = (a(warmup, 0).await?, b(warmup, 0).await?);
+    let mut left = calls;
+    while left > 0 {
+        let block = left.min(BLOCK);
+        let timed = (a(0, block).await?, b(0, block).await?);
+        for (run, timed) in [(&mut runs.0, timed.0), (&mut runs.1, timed.1)] {
+            run.latencies.extend(timed.latencies);
+            run.errors.add(&timed.errors);
+        }
+        left -= block;
+    }
+    Ok(runs)
+}
+
 /// Makes `warmup` and then `calls` calls one after the other, timing the latter.
 async fn latency_of(client: &mut impl Client, warmup: usize, calls: usize) -> LatencyRun {
     let mut latencies = Vec::with_capacity(calls);
@@ -585,7 +659,8 @@ fn report(options: &Options, figures: &[(Row, Figures)], busy: f64) {
         options.rounds
     );
     println!(
-        "  @1: {} calls one at a time per round after {} to warm up",
+        "  @1: {} calls one at a time per round after {} to warm up, each hub row and \
+         its direct path taking turns in blocks of {BLOCK}",
         options.load.calls, options.load.warmup
     );
     println!(
@@ -604,6 +679,12 @@ fn report(options: &Options, figures: &[(Row, Figures)], busy: f64) {
         "  CPUs busy with other work in the second before the run: {:.0}%",
         busy * 100.0
     );
+    if let Some((allowed, online)) = process::cpus_confined() {
+        println!(
+            "  every process of the run on {allowed} of the machine's {online} CPUs (the \
+             benchmark's CPU affinity, which they inherit)"
+        );
+    }
     println!();
     println!(
         "  {:<27} {:>10} {:>10} {:>11} {:>12}  errors",

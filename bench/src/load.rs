@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -200,8 +201,11 @@ impl Generator {
         payload: Vec<u8>,
     ) -> anyhow::Result<Self> {
         let namespace = Namespace::for_device(device_id)?;
+        // A run may keep several generators connected at once: each has an id of its own.
+        static GENERATORS: AtomicU64 = AtomicU64::new(0);
+        let serial = GENERATORS.fetch_add(1, Ordering::Relaxed);
         let options = edge_proto::client::options(
-            &format!("edge-bench-load-{}", std::process::id()),
+            &format!("edge-bench-load-{}-{serial}", std::process::id()),
             broker,
             &edge_proto::transport::Security::default(),
             KEEP_ALIVE,

@@ -140,9 +140,17 @@ impl Process {
     /// # Errors
     /// When this binary cannot be found or started again.
     pub fn floor(broker: &BrokerUrl) -> anyhow::Result<Self> {
+        Self::floor_as(broker, DEVICE)
+    }
+
+    /// Starts the floor responder as [`Process::floor`] does, serving `device`.
+    ///
+    /// # Errors
+    /// When this binary cannot be found or started again.
+    pub fn floor_as(broker: &BrokerUrl, device: &str) -> anyhow::Result<Self> {
         Self::this_binary(
             "floor-responder",
-            &["--broker", &broker.to_string(), "--device-id", DEVICE],
+            &["--broker", &broker.to_string(), "--device-id", device],
         )
     }
 
@@ -408,6 +416,21 @@ pub fn machine_busy(window: Duration) -> anyhow::Result<f64> {
     let (busy_after, total_after) = cpu_counters()?;
     let total = total_after.saturating_sub(total_before).max(1);
     Ok(busy_after.saturating_sub(busy_before) as f64 / total as f64)
+}
+
+/// The CPUs this process may run on (its affinity, which the processes it starts
+/// inherit, as `taskset` sets it) and the CPUs the machine has online, when fewer may
+/// be used than are there.
+pub fn cpus_confined() -> Option<(usize, usize)> {
+    let allowed = std::thread::available_parallelism().ok()?.get();
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let online = stat
+        .lines()
+        .filter(|line| {
+            line.starts_with("cpu") && line.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+        })
+        .count();
+    (allowed < online).then_some((allowed, online))
 }
 
 /// Busy and total clock ticks of all CPUs since boot (the `cpu` line of `/proc/stat`;
