@@ -477,37 +477,6 @@ impl Registry {
         })
     }
 
-    /// Sets the thumbprints of the certificates `id` may connect with.
-    ///
-    /// # Errors
-    /// [`RegistryError::NotFound`], [`RegistryError::BadThumbprint`], or a failure to
-    /// write.
-    pub fn set_thumbprints(&self, id: &str, thumbprints: Vec<String>) -> Result<(), RegistryError> {
-        check_thumbprints(&thumbprints)?;
-        self.change_identity(id, |device| device.x509_thumbprints = thumbprints)
-    }
-
-    /// Changes device `id`'s identity with `f`, and so its etag.
-    fn change_identity(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<(), RegistryError> {
-        self.change(|doc| {
-            let device = doc
-                .devices
-                .get_mut(id)
-                .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-            f(device);
-            device.etag = new_etag();
-            Ok(())
-        })
-    }
-
-    /// Lets `id` connect, or no longer connect, with a CA-signed certificate.
-    ///
-    /// # Errors
-    /// [`RegistryError::NotFound`] or a failure to write.
-    pub fn set_x509_ca(&self, id: &str, allowed: bool) -> Result<(), RegistryError> {
-        self.change_identity(id, |device| device.x509_ca = allowed)
-    }
-
     /// The CA certificates devices' certificates may be signed by.
     ///
     /// # Errors

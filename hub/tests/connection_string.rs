@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestHub;
+use common::{TestHub, thumbprints};
 use edge_proto::iothub::HubTransport;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -291,7 +291,7 @@ async fn an_edge_host_connects_with_an_x509_certificate() {
     let [sha256, _] = edge_hub::pki::thumbprints(cert.der());
     hub.hub
         .registry
-        .set_thumbprints(device, vec![sha256])
+        .put_device(device, thumbprints(sha256), Some("*"))
         .unwrap();
     let handlers = testkit::HandlerDir::with(&["device-method"]).unwrap();
     let connection_string = format!("HostName=localhost;DeviceId={device};x509=true");

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use common::{
     Attempt, TestHub, connect_device, connect_for_methods, connect_raw, connect_raw_with,
-    method_device, username,
+    method_device, thumbprints, username,
 };
+use edge_hub::registry::DeviceChange;
 use edge_invoker::{CallError, CallRequest, Caller, ConnectOptions};
 use rumqttc::{ConnectReturnCode, Packet, QoS};
 use serde_json::json;
@@ -444,7 +445,7 @@ async fn a_device_with_a_registered_certificate_connects_without_a_token() {
     let [sha256, _] = edge_hub::pki::thumbprints(&der);
     hub.hub
         .registry
-        .set_thumbprints("x1", vec![sha256.to_ascii_lowercase()])
+        .put_device("x1", thumbprints(sha256.to_ascii_lowercase()), Some("*"))
         .unwrap();
     let Attempt::Connected(mut device) = connect_raw_with(
         &hub,
@@ -524,7 +525,11 @@ async fn a_device_with_a_certificate_signed_by_a_registered_ca_connects_by_its_c
     hub.hub.registry.add_certificate("fleet", &ca_pem).unwrap();
     for id in ["ca-1", "ca-2"] {
         hub.add_device(id);
-        hub.hub.registry.set_x509_ca(id, true).unwrap();
+        let change = DeviceChange {
+            x509_ca: Some(true),
+            ..DeviceChange::default()
+        };
+        hub.hub.registry.put_device(id, change, Some("*")).unwrap();
     }
     let good = signed_by(&ca, "ca-1");
     let Attempt::Connected(mut device) =

@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{TestHub, loopback, script, service, service_with};
+use common::{TestHub, loopback, script, service, service_with, thumbprints};
 use edge_invoker::{CallRequest, Caller, ConnectOptions};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -373,7 +373,7 @@ async fn the_sdk_device_connects_with_a_self_signed_certificate() {
     let [sha256, _] = edge_hub::pki::thumbprints(cert.der());
     hub.hub
         .registry
-        .set_thumbprints("x509-device", vec![sha256])
+        .put_device("x509-device", thumbprints(sha256), Some("*"))
         .unwrap();
     let device = SdkDevice::start_env(
         &hub,

@@ -398,6 +398,15 @@ pub fn username(id: &str) -> String {
     format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=test")
 }
 
+/// A device change that lets a device connect with the self-signed certificate of
+/// thumbprint `sha256` (and no other).
+pub fn thumbprints(sha256: String) -> edge_hub::registry::DeviceChange {
+    edge_hub::registry::DeviceChange {
+        thumbprints: Some(vec![sha256]),
+        ..Default::default()
+    }
+}
+
 impl RawDevice {
     /// Subscribes and waits for the SUBACK.
     pub async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
